@@ -1,0 +1,129 @@
+"""The CLIP text transformer that conditions Stable Diffusion (Radford et al. 2021), equal to the
+last_hidden_state of transformers' CLIPTextModel: token ids (B, N <= 77) -> hidden states (B, N, D),
+after the final layer norm.
+
+SD 1.x uses OpenAI's CLIP ViT-L/14 (quick_gelu); SD 2.x the first 23 of the 24 layers of OpenCLIP's
+ViT-H/14 (gelu). Module names equal the transformers state-dict keys (`text_model.*`).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),  # the sigmoid approximation OpenAI's CLIP was trained with
+    "gelu": F.gelu,
+}
+
+
+@dataclass
+class CLIPTextConfig:
+    """The keys of a transformers CLIPTextConfig config.json; defaults are transformers' defaults."""
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    num_attention_heads: int = 8
+    num_hidden_layers: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512  # size of CLIP's contrastive head, which the text model lacks; kept for saving
+
+    FIXED = {"dropout": 0.0, "attention_dropout": 0.0}
+    # Metadata, initialisation, and token ids used only by the tokenizer or CLIP's pooled output.
+    IGNORED = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "initializer_range",
+               "initializer_factor", "bos_token_id", "eos_token_id", "pad_token_id"}
+
+    def __post_init__(self):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError(f"CLIP text config: option 'hidden_act' = {self.hidden_act!r} is not supported "
+                              f"(supported: {', '.join(repr(a) for a in ACTIVATIONS)})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"CLIP text config: hidden_size = {self.hidden_size} is not divisible by "
+                              f"num_attention_heads = {self.num_attention_heads}")
+
+
+class Attention(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        dim = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, D / heads)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        # Causal even over padding: SD conditions on every position, padding included, and passes no mask.
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.activation(self.fc1(x)))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn = Attention(config)
+        self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class Embeddings(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, N, D)
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:input_ids.shape[1]]
+
+
+class TextTransformer(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.embeddings = Embeddings(config)
+        # A ModuleDict only to give the keys their `encoder.layers.N` level.
+        self.encoder = nn.ModuleDict({"layers": nn.ModuleList(EncoderLayer(config)
+                                                              for _ in range(config.num_hidden_layers))})
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embeddings(input_ids)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        return self.final_layer_norm(x)
+
+
+class CLIPTextModel(nn.Module):
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = TextTransformer(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, N) with N <= max_position_embeddings -> last hidden state (B, N, hidden_size)."""
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"CLIP text model: {input_ids.shape[1]} tokens, at most "
+                             f"{self.config.max_position_embeddings} fit")
+        return self.text_model(input_ids)

@@ -1,0 +1,277 @@
+"""A Stable Diffusion model as one object: load it from a diffusers folder or a single LDM
+file, save it back in either layout, and encode prompts.
+
+    pipe = load_pipeline("path/to/stable-diffusion-v1-5")       # diffusers folder
+    pipe = load_pipeline("v1-5-pruned-emaonly.safetensors")     # single file
+    pipe = load_pipeline(base, unet="esd-unet.safetensors")     # safety reinforcement: safe UNet over a base
+"""
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import ldm, samplers
+from .clip import CLIPTextConfig, CLIPTextModel
+from .config import config_from_dict, config_to_dict, read_config
+from .schedule import NoiseSchedule, SchedulerConfig
+from .tokenizer import CLIPTokenizer
+from .unet import UNet2DConditionModel, UNetConfig
+from .vae import AutoencoderKL, VAEConfig
+from .weights import WeightsError, load_strict, read_metadata, read_state_dict, save_state_dict, write_json
+
+# Weight file names inside a diffusers component folder, in the order they are tried.
+WEIGHT_NAMES = [f"{stem}{variant}.{ext}"
+                for ext in ("safetensors.index.json", "safetensors", "bin.index.json", "bin")
+                for variant in ("", ".fp16")
+                for stem in ("diffusion_pytorch_model", "model")]
+# The built-in tiny model (diffusers layout) that every script uses when no --model is given.
+BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "weights"
+SAMPLERS = {"ddim": samplers.ddim, "dpmpp-2m": samplers.dpmpp_2m}
+# Keys that published files carry but that hold no weights of ours.
+TEXT_KEYS_SAFE_TO_DROP = {"text_model.embeddings.position_ids"}
+
+
+def build_model(model_class, config, state_dict, source, dtype):
+    with torch.device("meta"):
+        model = model_class(config)
+    load_strict(model, state_dict, source)
+    return model.to(dtype).eval().requires_grad_(False)
+
+
+def text_state_dict(state_dict: dict) -> dict:
+    """transformers 5 saves CLIP text keys without the `text_model.` prefix, published SD files with it."""
+    state_dict = {key if key.startswith("text_model.") else f"text_model.{key}": value
+                  for key, value in state_dict.items()}
+    return {key: value for key, value in state_dict.items() if key not in TEXT_KEYS_SAFE_TO_DROP}
+
+
+def find_weights(folder: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"{folder}: no weight file (looked for {', '.join(WEIGHT_NAMES[:2])}, ...)")
+
+
+def is_ldm_unet(state_dict: dict) -> bool:
+    return any(key.startswith(("model.diffusion_model.", "diffusion_model.", "input_blocks.")) for key in state_dict)
+
+
+def read_unet_override(path) -> dict:
+    """UNet weights in either layout: a diffusers `unet/` folder or file, or LDM keys (full checkpoint or
+    UNet only). Returns diffusers keys."""
+    path = Path(path)
+    if path.is_dir():
+        path = find_weights(path / "unet" if (path / "unet").is_dir() else path)
+    state_dict = read_state_dict(path)
+    if not is_ldm_unet(state_dict):
+        return state_dict
+    prefix = next(p for p in ("model.diffusion_model.", "diffusion_model.", "") if any(k.startswith(p) for k in state_dict))
+    unet_only = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    return ldm.ldm_unet_to_diffusers(unet_only)
+
+
+@dataclass
+class Pipeline:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    schedule: NoiseSchedule
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype=None) -> "Pipeline":
+        for model in (self.unet, self.vae, self.text_encoder):
+            model.to(device=device, dtype=dtype)
+        return self
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(prompts).to(self.device)
+        return self.text_encoder(ids)  # (B, 77, D)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def generate(self, prompts, negative_prompt=None, steps=50, guidance=7.5, seed=None, height=None, width=None,
+                 latents=None, sampler="ddim", eta=0.0, batch_size=None, return_latents=False, progress=True):
+        """Text to image with classifier-free guidance. Returns uint8 images (N, H, W, 3), or the final
+        latents (N, C, h, w) with return_latents=True.
+
+        Image i starts from noise seeded with `seed + i`, so an image does not depend on the batch it
+        was made in (evaluation can resume or split prompt lists freely)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt or ""] * len(prompts)
+        factor = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * factor
+        width = width or self.unet.config.sample_size * factor
+        if not prompts:
+            raise ValueError("generate: the prompt list is empty")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"generate: {len(negatives)} negative prompts for {len(prompts)} prompts")
+        if height % factor or width % factor:
+            raise ValueError(f"generate: height and width must be divisible by {factor}, got {height}x{width}")
+        if steps < 1:
+            raise ValueError(f"generate: steps must be >= 1, got {steps}")
+        if guidance < 0:
+            raise ValueError(f"generate: guidance must be >= 0, got {guidance}")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"generate: unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
+        if seed is None:
+            seed = int(torch.randint(0, 2**31, ()).item())
+        shape = (self.unet.config.in_channels, height // factor, width // factor)
+        if latents is None:  # drawn on the CPU so that a seed gives the same image on every device
+            latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
+                                   for i in range(len(prompts))])
+        elif latents.shape != (len(prompts), *shape):
+            raise ValueError(f"generate: latents of shape {tuple(latents.shape)}, expected {(len(prompts), *shape)}")
+        batch_size = batch_size or len(prompts)
+        results = []
+        for start in range(0, len(prompts), batch_size):
+            end = start + batch_size
+            cond = self.encode_prompts(prompts[start:end])
+            uncond = self.encode_prompts(negatives[start:end]) if guidance > 1 else None
+            generator = torch.Generator().manual_seed(seed + start)  # DDIM eta > 0 noise
+            final = SAMPLERS[sampler](self._guided_model(cond, uncond, guidance),
+                                      latents[start:end].to(self.device, self.dtype), self.schedule, steps,
+                                      generator=generator, progress=progress,
+                                      **({"eta": eta} if sampler == "ddim" else {}))
+            results.append(final if return_latents else self.decode_to_uint8(final))
+        return torch.cat(results) if return_latents else np.concatenate(results)
+
+    def _guided_model(self, cond, uncond, guidance):
+        """The model function the samplers call: the UNet with classifier-free guidance, both branches
+        in one batched call (as in diffusers, guidance applies only when > 1)."""
+        context = cond if uncond is None else torch.cat([uncond, cond])
+
+        def model_fn(x, t):
+            x_in = x if uncond is None else torch.cat([x, x])
+            out = self.unet(x_in, t, context)
+            if uncond is None:
+                return out
+            out_uncond, out_cond = out.chunk(2)
+            return out_uncond + guidance * (out_cond - out_uncond)
+        return model_fn
+
+    @torch.no_grad()
+    def decode_to_uint8(self, latents: torch.Tensor) -> np.ndarray:
+        images = self.vae.decode(latents / self.vae.config.scaling_factor)  # (B, 3, H, W) in [-1, 1]
+        images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (B, H, W, 3)
+        return (images.cpu().numpy() * 255).round().astype(np.uint8)
+
+    def save(self, path) -> None:
+        """A folder -> diffusers layout; a `.safetensors` path -> one LDM single file."""
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            text_kind = "openclip" if self.text_encoder.config.hidden_act == "gelu" else "clip"
+            state_dict = ldm.diffusers_to_ldm(self.unet.state_dict(), self.vae.state_dict(),
+                                              self.text_encoder.state_dict(), text_kind)
+            # What the weights cannot reveal (prediction type, head counts, group norms of non-SD widths)
+            # travels in the file's metadata; other tools ignore it and infer SD's values.
+            metadata = {"prediction_type": self.schedule.config.prediction_type,
+                        "unet_config": json.dumps(dataclasses.asdict(self.unet.config)),
+                        "vae_config": json.dumps(dataclasses.asdict(self.vae.config)),
+                        "text_encoder_config": json.dumps(dataclasses.asdict(self.text_encoder.config))}
+            save_state_dict(state_dict, path, metadata=metadata)
+            return
+        if path.suffix:
+            raise ValueError(f"{path}: save to a folder (diffusers layout) or a .safetensors file (single file)")
+        write_json(path / "model_index.json", {
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]})
+        for name, model, class_name, file_name in [
+                ("unet", self.unet, "UNet2DConditionModel", "diffusion_pytorch_model.safetensors"),
+                ("vae", self.vae, "AutoencoderKL", "diffusion_pytorch_model.safetensors"),
+                ("text_encoder", self.text_encoder, "CLIPTextModel", "model.safetensors")]:
+            config = config_to_dict(model.config, class_name)
+            if name == "text_encoder":
+                config.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+            write_json(path / name / "config.json", config)
+            save_state_dict(model.state_dict(), path / name / file_name)
+        write_json(path / "scheduler" / "scheduler_config.json",
+                   {"_class_name": "DDIMScheduler", **self.schedule.config.to_dict()})
+        self.tokenizer.save(path / "tokenizer")
+
+
+def _load_folder(path: Path, dtype) -> Pipeline:
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        if not (path / part).is_dir():
+            raise WeightsError(f"{path}: not a diffusers Stable Diffusion folder (no {part}/ subfolder)")
+    unet_folder, vae_folder, text_folder = path / "unet", path / "vae", path / "text_encoder"
+    text_config = read_config(text_folder / "config.json", CLIPTextConfig)
+    if (path / "tokenizer").is_dir():
+        tokenizer = CLIPTokenizer.from_folder(path / "tokenizer")
+    else:  # SD 2 (OpenCLIP, gelu) pads with "!", SD 1 with <|endoftext|>
+        tokenizer = CLIPTokenizer.default(pad_token="!" if text_config.hidden_act == "gelu" else "<|endoftext|>")
+    unet_file, vae_file, text_file = find_weights(unet_folder), find_weights(vae_folder), find_weights(text_folder)
+    return Pipeline(
+        unet=build_model(UNet2DConditionModel, read_config(unet_folder / "config.json", UNetConfig),
+                    read_state_dict(unet_file), str(unet_file), dtype),
+        vae=build_model(AutoencoderKL, read_config(vae_folder / "config.json", VAEConfig),
+                   read_state_dict(vae_file), str(vae_file), dtype),
+        text_encoder=build_model(CLIPTextModel, text_config, text_state_dict(read_state_dict(text_file)),
+                            str(text_file), dtype),
+        tokenizer=tokenizer,
+        schedule=NoiseSchedule(read_config(path / "scheduler" / "scheduler_config.json", SchedulerConfig)))
+
+
+def _load_single_file(path: Path, dtype, prediction_type) -> Pipeline:
+    source = str(path)
+    metadata = read_metadata(path)
+    try:
+        parts = ldm.ldm_to_diffusers(read_state_dict(path),
+                                     prediction_type=prediction_type or metadata.get("prediction_type"))
+    except ValueError as e:
+        raise WeightsError(f"{source}: {e}") from None
+
+    def config(part, config_class):  # our own files carry the exact config; others get it from shapes
+        raw = json.loads(metadata[f"{part}_config"]) if f"{part}_config" in metadata else parts[part][1]
+        return config_from_dict(config_class, raw, f"{source} ({part} config)")
+
+    return Pipeline(
+        unet=build_model(UNet2DConditionModel, config("unet", UNetConfig), parts["unet"][0], f"{source} (UNet)", dtype),
+        vae=build_model(AutoencoderKL, config("vae", VAEConfig), parts["vae"][0], f"{source} (VAE)", dtype),
+        text_encoder=build_model(CLIPTextModel, config("text_encoder", CLIPTextConfig),
+                                 text_state_dict(parts["text_encoder"][0]), f"{source} (text encoder)", dtype),
+        tokenizer=CLIPTokenizer.default(pad_token=parts["tokenizer_pad_token"]),
+        schedule=NoiseSchedule(config_from_dict(SchedulerConfig, parts["scheduler"], source)))
+
+
+def load_pipeline(path, device=None, dtype=None, unet=None, prediction_type=None) -> Pipeline:
+    """Load a diffusers folder or a single `.safetensors`/`.ckpt` file.
+
+    unet: optional UNet weights (folder or file, diffusers or LDM keys) loaded over the base model,
+        e.g. an erased "safe" UNet for safety reinforcement.
+    prediction_type: "epsilon" or "v_prediction"; overrides the scheduler config (needed for single
+        files of v-models such as SD 2.x 768, which the weights cannot reveal).
+    device: defaults to CUDA when available. dtype: defaults to float32.
+    """
+    path = Path(path)
+    dtype = dtype or torch.float32
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if path.is_dir():
+        pipe = _load_folder(path, dtype)
+        if prediction_type:
+            pipe.schedule = NoiseSchedule(dataclasses.replace(pipe.schedule.config, prediction_type=prediction_type))
+    elif path.is_file():
+        pipe = _load_single_file(path, dtype, prediction_type)
+    else:
+        raise WeightsError(f"{path}: no such model folder or file")
+    if unet is not None:
+        pipe.unet = build_model(UNet2DConditionModel, pipe.unet.config, read_unet_override(unet),
+                           f"{unet} (UNet override)", dtype)
+    return pipe.to(device)

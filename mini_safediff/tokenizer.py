@@ -1,0 +1,133 @@
+"""CLIP's BPE tokenizer as Stable Diffusion calls it: every prompt becomes 77 ids,
+<|startoftext|> ... <|endoftext|>, truncated and padded.
+
+The reference is transformers.CLIPTokenizer. Since transformers 5 that class is no longer the
+Python BPE loop (with its ftfy / BasicTokenizer text cleaning) but a `tokenizers` pipeline built
+in its __init__, and CLIPTokenizerFast is the same class. We build that same pipeline here, and
+resolve the special tokens from a model folder exactly as its from_pretrained does, because their
+flags change ids: a token "normalized" is also found in upper case, and SD 2's pad token "!" is a
+special token, so "hello!" ends in id 0 rather than "!</w>" (256).
+"""
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+from tokenizers.processors import TemplateProcessing
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# a word is a special token, an English contraction, a run of letters, one digit, or a run of anything else but spaces
+CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+DEFAULT_FILES = Path(__file__).resolve().parent / "tokenizer_data"
+# defaults, in the order transformers adds them: when two share a text (SD 1: eos and pad), the later one's flags win
+NAMED_TOKENS = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+
+
+def added_token(value: str | dict | AddedToken) -> AddedToken:
+    """A special token as tokenizer files write it: a bare string, or a dict with its matching flags."""
+    if isinstance(value, AddedToken):
+        return value
+    if isinstance(value, str):
+        return AddedToken(value, special=True)  # a bare string matches the raw text only (normalized=False)
+    flags = {k: value[k] for k in ("single_word", "lstrip", "rstrip", "normalized") if k in value}
+    return AddedToken(value["content"], special=True, **flags)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+class CLIPTokenizer:
+    model_max_length = 77  # CLIP's position embeddings; SD always pads to it, whatever a tokenizer_config says
+
+    def __init__(self, vocab: dict[str, int], merges: list[tuple[str, str]], bos_token=BOS, eos_token=EOS,
+                 unk_token=EOS, pad_token=EOS, added_tokens=()):
+        """The *_token arguments and `added_tokens` are strings, AddedTokens or their dicts from the files;
+        an entry of `added_tokens` overrides the flags of a named token with the same text."""
+        named = dict(bos_token=bos_token, eos_token=eos_token, unk_token=unk_token, pad_token=pad_token)
+        named = {key: added_token(value) for key, value in named.items()}
+        tokens = {t.content: t for t in named.values()} | {t.content: t for t in map(added_token, added_tokens)}
+        unknown = [text for text in tokens if text not in vocab]
+        if unknown:
+            raise ValueError(f"tokens {unknown} are not in the vocabulary (extra words such as textual-inversion "
+                             "tokens are not supported)")
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (t.content for t in named.values())
+        self.pad_token_id = vocab[self.pad_token]
+
+        self.backend = Tokenizer(BPE(vocab, merges, end_of_word_suffix="</w>", unk_token=self.unk_token))
+        self.backend.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        # GPT-2's byte-level step gives every byte a printable stand-in in the vocabulary; its own split is kept
+        # (as transformers runs it) because it cuts words CLIP's split leaves whole, e.g. an upper-case "<|ENDOFTEXT|>"
+        self.backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(CLIP_WORDS), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        self.backend.post_processor = TemplateProcessing(
+            single=f"{self.bos_token} $A {self.eos_token}",
+            special_tokens=[(self.bos_token, vocab[self.bos_token]), (self.eos_token, vocab[self.eos_token])])
+        self.backend.add_special_tokens(list(tokens.values()))
+        # truncation leaves room for the two tokens the template adds, so the end token always survives
+        self.backend.enable_truncation(self.model_max_length)
+        self.backend.enable_padding(length=self.model_max_length, pad_id=self.pad_token_id, pad_token=self.pad_token)
+
+    def __call__(self, prompts: str | list[str]) -> torch.Tensor:
+        """(B, 77) int64 ids, as tokenizer(prompts, padding="max_length", max_length=77, truncation=True)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        return torch.tensor([encoding.ids for encoding in self.backend.encode_batch(prompts)])
+
+    @classmethod
+    def default(cls, pad_token: str = EOS) -> "CLIPTokenizer":
+        """OpenAI's CLIP vocabulary shipped with the package; SD 1 pads with <|endoftext|>, SD 2 with "!"."""
+        return cls(*BPE.read_file(str(DEFAULT_FILES / "vocab.json"), str(DEFAULT_FILES / "merges.txt")),
+                   pad_token=pad_token)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> "CLIPTokenizer":
+        """A transformers tokenizer folder: tokenizer.json, or vocab.json + merges.txt (transformers prefers the
+        first when both are there), with the special tokens of tokenizer_config.json / special_tokens_map.json."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+        if (folder / "added_tokens.json").is_file():
+            raise ValueError(f"{folder / 'added_tokens.json'}: extra words (e.g. textual inversion) are not supported")
+        config = read_json(folder / "tokenizer_config.json")
+        if config.get("extra_special_tokens") or config.get("additional_special_tokens"):
+            raise ValueError(f"{folder}: extra special tokens are not supported")
+        tokenizer_json = read_json(folder / "tokenizer.json")
+        if tokenizer_json:
+            model = tokenizer_json["model"]
+            if model["type"] != "BPE":
+                raise ValueError(f"{folder / 'tokenizer.json'} holds a {model['type']} model, not BPE")
+            vocab = model["vocab"]
+            merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]  # old or new
+        else:
+            missing = [name for name in ("vocab.json", "merges.txt") if not (folder / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"no CLIP tokenizer in {folder}: it has no tokenizer.json and no "
+                                        f"{' and no '.join(missing)} (need tokenizer.json, or vocab.json + merges.txt)")
+            vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+        if "added_tokens_decoder" in config:  # files written by transformers >= 4.34: the config alone decides
+            listed, names = config["added_tokens_decoder"], config
+            listed = [listed[index] for index in sorted(listed, key=int)]
+        else:  # older files (the published SD folders): special_tokens_map.json overrides the config
+            listed = tokenizer_json.get("added_tokens", [])
+            names = config | read_json(folder / "special_tokens_map.json")
+        named = {key: names.get(key) or default for key, default in NAMED_TOKENS.items()}
+        return cls(vocab, merges, **named, added_tokens=listed)
+
+    def save(self, folder: str | Path):
+        """vocab.json + merges.txt + the two special-token files, like the published SD folders. The flags of the
+        special tokens go into added_tokens_decoder, so transformers (and from_folder) read back the same ids."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.model.save(str(folder))
+        named = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
+                 "pad_token": self.pad_token}
+        added = {str(i): token.__getstate__() for i, token in sorted(self.backend.get_added_tokens_decoder().items())}
+        config = {**named, "added_tokens_decoder": added, "model_max_length": self.model_max_length,
+                  "tokenizer_class": "CLIPTokenizer"}
+        for name, content in (("special_tokens_map.json", named), ("tokenizer_config.json", config)):
+            (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -1,0 +1,122 @@
+"""Weight files: read (safetensors first, pickles only through torch's safe loader), strict
+loading that names every problem, and atomic writes.
+
+A model is either fully loaded or not touched: every key and shape is checked before the
+first tensor is copied in.
+"""
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def read_state_dict(path) -> dict:
+    """Tensors of a .safetensors file, a sharded `*.safetensors.index.json`, or a .ckpt/.pt/.bin
+    pickle that torch's weights_only loader accepts (pickles that need code are refused)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: weight file not found")
+    if path.name.endswith(".index.json"):
+        shards = json.loads(path.read_text())["weight_map"]
+        state_dict = {}
+        for shard in sorted(set(shards.values())):
+            state_dict.update(read_state_dict(path.parent / shard))
+        return state_dict
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {key: f.get_tensor(key) for key in f.keys()}
+        except SafetensorError as e:
+            raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+    if path.suffix in PICKLE_SUFFIXES:
+        return _read_pickle(path)
+    raise WeightsError(f"{path}: unknown weight file type {path.suffix!r} "
+                       f"(expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)})")
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[-1]
+        raise WeightsError(
+            f"{path}: refused: this pickle needs arbitrary code to unpickle, which could run anything "
+            f"on your machine. Convert it to .safetensors with a tool you trust. ({first_line})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise WeightsError(f"{path}: not a readable checkpoint, truncated or corrupt ({e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]  # Lightning / CompVis checkpoints nest the weights
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    # CompVis checkpoints carry a few non-tensor entries (e.g. epoch counters) beside the weights.
+    return {key: value for key, value in obj.items() if isinstance(value, torch.Tensor)}
+
+
+def read_metadata(path) -> dict:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    with safe_open(path, framework="pt") as f:
+        return f.metadata() or {}
+
+
+def _listed(title: str, items: list, limit: int = 12) -> str:
+    shown = "\n    ".join(items[:limit])
+    more = f"\n    ... and {len(items) - limit} more" if len(items) > limit else ""
+    return f"\n  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def load_strict(module: torch.nn.Module, state_dict: dict, source: str) -> torch.nn.Module:
+    """Load `state_dict` into `module` after checking every key and shape; report all problems by name."""
+    expected = module.state_dict()
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mismatched = sorted(f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
+                        for key in expected.keys() & state_dict.keys()
+                        if state_dict[key].shape != expected[key].shape)
+    if missing or unexpected or mismatched:
+        report = ""
+        if missing:
+            report += _listed("missing keys", missing)
+        if unexpected:
+            report += _listed("unexpected keys", unexpected)
+        if mismatched:
+            report += _listed("shape mismatches", mismatched)
+        raise WeightsError(f"{source}: does not fit {type(module).__name__}:{report}")
+    # Modules are built on the meta device: assign=True adopts the file's tensors with no copy.
+    module.load_state_dict(state_dict, strict=True, assign=True)
+    return module
+
+
+def atomic_write(path, write) -> None:
+    """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_state_dict(state_dict: dict, path, metadata: dict | None = None) -> None:
+    tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def write_json(path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))

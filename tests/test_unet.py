@@ -1,0 +1,148 @@
+"""UNet2DConditionModel against diffusers' on the same tiny random weights, loaded from diffusers' own files."""
+import inspect
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel as DiffusersUNet
+from safetensors.torch import load_file
+
+import mini_safediff.unet as unet_module
+from mini_safediff.config import ConfigError, config_from_dict, read_config
+from mini_safediff.unet import UNet2DConditionModel, UNetConfig
+from sd_configs import SD15_UNET, SD21_UNET
+
+CONTEXT_DIM = 24
+TINY = {
+    # SD 1 style: 1x1-conv projections, one head count for all blocks, two resnets per resolution.
+    "sd1": dict(block_out_channels=(16, 32, 32), layers_per_block=2, cross_attention_dim=CONTEXT_DIM,
+                attention_head_dim=2, norm_num_groups=8,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+    # SD 2 style: linear projections, per-block heads (all distinct, so using them in the wrong order shows),
+    # float32 attention, attention blocks in an unusual order, in_channels != out_channels.
+    "sd2": dict(block_out_channels=(16, 32, 48), layers_per_block=1, cross_attention_dim=CONTEXT_DIM,
+                attention_head_dim=(1, 2, 3), norm_num_groups=8, use_linear_projection=True, upcast_attention=True,
+                in_channels=5, out_channels=3,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D")),
+}
+
+
+def rel_err(ours, ref):
+    return ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def load_ours(folder) -> UNet2DConditionModel:
+    model = UNet2DConditionModel(read_config(folder / "config.json", UNetConfig))
+    model.load_state_dict(load_file(folder / "diffusion_pytorch_model.safetensors"), strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(TINY))
+def pair(request, tmp_path_factory):
+    """(ours, diffusers') with the same weights, ours read back from the files diffusers saved."""
+    torch.manual_seed(0)
+    ref = DiffusersUNet(sample_size=8, **TINY[request.param])
+    with torch.no_grad():  # no zero-initialised layer (conv_out, proj_out) may hide a wrong connection
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    folder = tmp_path_factory.mktemp(request.param)
+    ref.save_pretrained(folder)
+    return load_ours(folder), ref.eval()
+
+
+def inputs(model, height, width, batch=2, seed=1):
+    torch.manual_seed(seed)
+    return (torch.randn(batch, model.config.in_channels, height, width),
+            torch.randn(batch, 7, CONTEXT_DIM))
+
+
+@pytest.mark.parametrize("height, width", [(16, 24), (9, 13)])  # 9x13: odd sides at every resolution
+@torch.no_grad()
+def test_matches_diffusers(pair, height, width):
+    ours, ref = pair
+    sample, context = inputs(ours, height, width)
+    for timestep in (10, 999.5, torch.tensor(10), torch.tensor([10]), torch.tensor([10, 500])):
+        out = ours(sample, timestep, context)
+        assert out.shape == (2, ours.config.out_channels, height, width)
+        assert rel_err(out, ref(sample, timestep, context).sample) < 1e-4, timestep
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@torch.no_grad()
+def test_half_precision(pair, dtype):
+    """Low-precision smoke test: runs, keeps the dtype, and stays as close to the float32 reference as a
+    rounding error of that dtype allows (diffusers in the same dtype lands at the same distance)."""
+    ours, ref = pair
+    half = UNet2DConditionModel(ours.config).to(dtype).eval()
+    half.load_state_dict(ours.state_dict())
+    sample, context = inputs(ours, 16, 24)
+    out = half(sample.to(dtype), torch.tensor([10, 500]), context.to(dtype))
+    assert out.dtype == dtype
+    assert rel_err(out, ref(sample, torch.tensor([10, 500]), context).sample) < (1e-2 if dtype == torch.float16
+                                                                                  else 5e-2)
+
+
+def test_gradient_checkpointing_changes_nothing(pair, monkeypatch):
+    ours, _ = pair
+    model = UNet2DConditionModel(ours.config).train()
+    model.load_state_dict(ours.state_dict())
+    sample, context = inputs(model, 9, 13, seed=2)
+    calls = []
+
+    def counting_checkpoint(*args, **kwargs):
+        calls.append(kwargs["use_reentrant"])
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+    monkeypatch.setattr(unet_module, "checkpoint", counting_checkpoint)
+
+    def output_and_grads():
+        model.zero_grad()
+        out = model(sample, torch.tensor([10, 500]), context)
+        (out ** 2).mean().backward()
+        return out.detach(), [p.grad.clone() for p in model.parameters()]
+
+    out, grads = output_and_grads()
+    assert calls == []
+    model.gradient_checkpointing = True
+    out_ckpt, grads_ckpt = output_and_grads()
+    blocks = sum(isinstance(m, (unet_module.ResnetBlock2D, unet_module.BasicTransformerBlock))
+                 for m in model.modules())
+    assert calls == [False] * blocks  # every resnet and transformer block, non-reentrant
+    assert torch.equal(out, out_ckpt)
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(grads_ckpt, grads))
+    with torch.no_grad():  # nothing to recompute without gradients, nor in eval mode
+        model(sample, 10, context)
+        model.eval()(sample, 10, context)
+    assert len(calls) == blocks
+
+
+@pytest.mark.parametrize("config", [SD15_UNET, SD21_UNET], ids=["sd15", "sd21"])
+def test_full_size_keys_and_shapes(config):
+    with torch.device("meta"):
+        ours = UNet2DConditionModel(config_from_dict(UNetConfig, config))
+        ref = DiffusersUNet.from_config(config)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def test_every_diffusers_option_is_classified():
+    """Each UNet2DConditionModel argument is ours, fixed at diffusers' default, or without effect here."""
+    defaults = {name: p.default for name, p in inspect.signature(DiffusersUNet.__init__).parameters.items()
+                if name != "self"}
+    fields = set(UNetConfig.__dataclass_fields__)
+    assert defaults.keys() == fields | UNetConfig.FIXED.keys() | UNetConfig.IGNORED
+    assert not (fields & UNetConfig.FIXED.keys() or fields & UNetConfig.IGNORED
+                or UNetConfig.FIXED.keys() & UNetConfig.IGNORED)
+    assert {key: defaults[key] for key in UNetConfig.FIXED} == UNetConfig.FIXED
+    assert config_from_dict(UNetConfig, SD15_UNET) == UNetConfig()  # defaults are SD 1.5's
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"brand_new_option": 3}, r"unet/config.json: unknown config option 'brand_new_option'"),
+    ({"act_fn": "gelu"}, r"unet/config.json: option 'act_fn' = 'gelu' is not supported"),
+    ({"class_embed_type": "timestep"}, r"option 'class_embed_type' = 'timestep' is not supported"),
+    ({"down_block_types": ["AttnDownBlock2D"] * 4}, r"option 'down_block_types' = \['AttnDownBlock2D'"),
+    ({"attention_head_dim": [5, 10]}, r"option 'attention_head_dim' = \[5, 10\] is not supported"),
+])
+def test_unsupported_config_is_refused_by_name(change, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict(UNetConfig, {**SD21_UNET, **change}, "unet/config.json")

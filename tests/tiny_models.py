@@ -1,0 +1,60 @@
+"""Tiny random Stable Diffusion pipelines built with the reference libraries (diffusers,
+transformers), saved in the diffusers layout: the oracle side of the parity tests."""
+import json
+from pathlib import Path
+
+import torch
+
+from sd_configs import SD_SCHEDULER
+
+TOKENIZER_FILES = Path(__file__).resolve().parent.parent / "mini_safediff" / "tokenizer_data"
+
+TINY_UNET = {
+    "sd1": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
+                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8),
+    "sd2": dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=(2, 4),
+                norm_num_groups=8, use_linear_projection=True, upcast_attention=True,
+                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), sample_size=8),
+}
+
+
+def diffusers_pipeline(kind: str = "sd1", prediction_type: str = "epsilon", seed: int = 0):
+    """A random tiny diffusers StableDiffusionPipeline of SD1 (quick_gelu, pad <|endoftext|>) or SD2
+    (gelu, linear projections, per-block heads, upcast attention, pad "!") style."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET[kind])
+    vae = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8, latent_channels=4, layers_per_block=1,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=77, hidden_act="quick_gelu" if kind == "sd1" else "gelu"))
+    for model in (unet, vae, text_encoder):  # no zero-initialised layer may hide a wrong connection
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.eval()
+    tokenizer = CLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt"),
+                              pad_token="<|endoftext|>" if kind == "sd1" else "!", model_max_length=77)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def saved_diffusers_pipeline(folder: Path, kind: str = "sd1", prediction_type: str = "epsilon"):
+    """Saved with the scheduler config that SD 1.5 publishes (PNDM, no timestep_spacing key, which
+    each sampler class then fills with its own default); the returned pipeline reads it back."""
+    from diffusers import PNDMScheduler
+
+    pipe = diffusers_pipeline(kind, prediction_type)
+    pipe.save_pretrained(folder)
+    (folder / "scheduler" / "scheduler_config.json").write_text(
+        json.dumps({**SD_SCHEDULER, "prediction_type": prediction_type}))
+    pipe.scheduler = PNDMScheduler.from_pretrained(folder / "scheduler")
+    return pipe
