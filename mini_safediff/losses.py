@@ -1,0 +1,127 @@
+"""The safety loss of contrastive forgetting (Pan et al., NeurIPS 2024; DESIGN.md section 3).
+
+For each sample i of a batch (clean or harmful, mixed freely), with eps the drawn noise:
+  x_t    = schedule.add_noise(x0, eps', t)       eps' = eps (LT), ng_noise(eps) = eps +- 1 (NG)
+  p      = unet(x_t, t, text)
+  x0_hat = schedule.predict_x0(x_t, p, t)        the eps OR the v formula, whichever the model predicts
+  z      = -x0_hat - 100 (clean), x0_hat + 100 (harmful) for LT;  z = x0_hat for NG
+  mu     = running means of z per class, updated with this batch before the distances, never differentiated
+  con_i  = d_own - lambda_c * max(0, d_other - margin)   "official", d = ||z - mu||_2 over (C, H, W)
+        or d_own + lambda_c * max(0, margin - d_other)   "hinge", the usual contrastive form
+  l_i    = w_i * MSE(p, target) + lambda * con_i         w = 1 clean, harmful_weight harmful; target from eps
+  loss   = mean_i l_i
+The official code runs batch size 1 only, where this is exactly its loss. The mean over the batch (where
+the official code would sum the contrastive terms) keeps the learning rate independent of the batch size.
+"""
+from dataclasses import dataclass
+
+import torch
+
+METHODS = ("lt", "ng")
+CONTRASTS = ("official", "hinge")
+LT_SHIFT = 100.0  # the official code's constant: pushes clean and harmful z far to opposite sides
+
+
+@dataclass
+class SafetyLossConfig:
+    method: str = "lt"
+    lam: float = 5e-5  # lambda, weight of the contrastive term (paper: 5e-5 for LT; the NG script uses 5e-3)
+    lam_contrast: float = 1.0  # lambda_c
+    margin: float = 0.0  # l
+    contrast: str = "official"
+    harmful_weight: float = 0.0  # MSE weight of harmful samples; -0.5 is the "high safety" gradient ascent
+    # False reproduces the official code, which adds the term with `.item()`: same loss value, no gradient.
+    contrast_grad: bool = True
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"safety loss: unknown method {self.method!r} (expected one of {METHODS})")
+        if self.contrast not in CONTRASTS:
+            raise ValueError(f"safety loss: unknown contrast {self.contrast!r} (expected one of {CONTRASTS})")
+
+
+def _sign(harmful: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """+1 for harmful, -1 for clean samples, shaped (B, 1, 1, 1) to broadcast over like."""
+    return (harmful.to(like.device, like.dtype) * 2 - 1).reshape(-1, *[1] * (like.dim() - 1))
+
+
+def ng_noise(noise: torch.Tensor, harmful: torch.Tensor) -> torch.Tensor:
+    """NG's shifted noise eps' that builds x_t: eps + 1 for clean, eps - 1 for harmful samples."""
+    return noise - _sign(harmful, noise)
+
+
+def contrast_latent(x0_hat: torch.Tensor, harmful: torch.Tensor, method: str) -> torch.Tensor:
+    """z, the latent the class centres are taken over."""
+    if method == "ng":
+        return x0_hat
+    return _sign(harmful, x0_hat) * (x0_hat + LT_SHIFT)
+
+
+class ContrastiveCentres:
+    """Running means of z for the clean (row 0) and the harmful (row 1) class: statistics, not parameters,
+    so no gradient flows into them. Started as in the official code: U[0, 1) with a count of 1 each."""
+
+    def __init__(self, shape, generator: torch.Generator):
+        self.mean = torch.rand((2, *shape), generator=generator)  # (2, C, H, W)
+        self.count = torch.ones(2)
+
+    def _to(self, device):
+        self.mean, self.count = self.mean.to(device), self.count.to(device)
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, harmful: torch.Tensor):
+        if z.shape[1:] != self.mean.shape[1:]:
+            raise ValueError(f"contrastive centres have shape {tuple(self.mean.shape[1:])}, "
+                             f"the latents {tuple(z.shape[1:])}")
+        self._to(z.device)
+        z, harmful = z.detach().float(), harmful.to(z.device, torch.bool).view(-1, *[1] * (z.dim() - 1))
+        # masked sums, not z[harmful]: no host sync, deterministic on GPU, and float32 under autocast
+        sums = torch.stack([torch.where(harmful, 0.0, z).sum(0), torch.where(harmful, z, 0.0).sum(0)])
+        n = torch.stack([(~harmful).sum(), harmful.sum()]).float().view(2, 1, 1, 1)
+        # mean += (sum - n mean) / (count + n): the mean of all z seen so far, with no big running sum
+        self.count += n.flatten()
+        self.mean += (sums - n * self.mean) / self.count.view(2, 1, 1, 1)
+
+    def distances(self, z: torch.Tensor, harmful: torch.Tensor):
+        """d_own, d_other (B,): distances of each z to its own and to the other class centre."""
+        self._to(z.device)
+        own = harmful.to(z.device).long()
+        d_own = (z - self.mean[own]).flatten(1).norm(dim=1)
+        d_other = (z - self.mean[1 - own]).flatten(1).norm(dim=1)
+        return d_own, d_other
+
+    def centre_distance(self) -> torch.Tensor:
+        return (self.mean[0] - self.mean[1]).norm()
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean.cpu(), "count": self.count.cpu()}
+
+    def load_state_dict(self, state: dict):
+        if state["mean"].shape != self.mean.shape:
+            raise ValueError(f"contrastive centres: checkpoint has shape {tuple(state['mean'].shape)}, "
+                             f"expected {tuple(self.mean.shape)}")
+        self.mean, self.count = state["mean"].float().clone(), state["count"].float().clone()
+
+
+def safety_loss(pred, x_t, t, x0, noise, harmful, schedule, centres: ContrastiveCentres, cfg: SafetyLossConfig,
+                update_centres: bool = True):
+    """pred: model output at x_t (built from ng_noise(noise) for NG, from noise for LT); noise: the unshifted eps;
+    harmful: (B,) bool. Returns the batch loss and a dict of floats for the log (batch means, unweighted)."""
+    pred = pred.float()  # the loss in float32 also under bf16 autocast
+    harmful = harmful.to(pred.device, torch.bool)
+    mse = (pred - schedule.target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (B,)
+    z = contrast_latent(schedule.predict_x0(x_t, pred, t), harmful, cfg.method)
+    if update_centres:
+        centres.update(z, harmful)
+    d_own, d_other = centres.distances(z, harmful)
+    if cfg.contrast == "official":  # with margin 0 it rewards d_other without bound
+        con = d_own - cfg.lam_contrast * (d_other - cfg.margin).clamp(min=0)
+    else:
+        con = d_own + cfg.lam_contrast * (cfg.margin - d_other).clamp(min=0)
+    if not cfg.contrast_grad:
+        con = con.detach()
+    weight = torch.where(harmful, cfg.harmful_weight, 1.0)
+    loss = (weight * mse + cfg.lam * con).mean()
+    stats = torch.stack([loss, mse.mean(), con.mean(), d_own.mean(), d_other.mean(), centres.centre_distance()])
+    names = ("loss", "mse", "contrastive", "d_own", "d_other", "centre_distance")
+    return loss, dict(zip(names, stats.detach().tolist()))

@@ -1,0 +1,60 @@
+"""Pieces shared by train.py and attack.py. The loops themselves stay flat in the scripts."""
+import math
+from pathlib import Path
+
+import torch
+
+from .weights import atomic_write
+
+
+def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "constant", warmup: int = 0) -> float:
+    """Linear warm-up, then constant or cosine decay to zero."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+@torch.no_grad()
+def encode_batch(pipe, batch: dict, generator: torch.Generator):
+    """Images -> scaled latents x0 (sampled from the VAE posterior), texts -> CLIP hidden states."""
+    pixels = batch["pixel_values"].to(pipe.device, pipe.dtype)
+    latents = pipe.vae.encode(pixels).sample(generator=generator) * pipe.vae.config.scaling_factor
+    return latents.float(), pipe.encode_prompts(batch["text"])
+
+
+def draw_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
+    """Drawn on the CPU from the run's own generator: the same numbers on every device and after resume."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
+    return noise, timesteps
+
+
+class EMA:
+    """Exponential moving average of the trained weights (float32 copies)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module):
+        for key, value in model.state_dict().items():
+            self.shadow[key].lerp_(value.float(), 1 - self.decay)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": self.shadow}
+
+    def load_state_dict(self, state: dict):
+        self.decay, self.shadow = state["decay"], state["shadow"]
+
+
+def save_checkpoint(checkpoint: dict, path) -> None:
+    """One plain dict (tensors, numbers, strings), written atomically: a crash keeps the previous file."""
+    atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
