@@ -1,4 +1,5 @@
 """Pieces shared by train.py and attack.py. The loops themselves stay flat in the scripts."""
+import json
 import math
 from pathlib import Path
 
@@ -58,3 +59,18 @@ def save_checkpoint(checkpoint: dict, path) -> None:
 
 def load_checkpoint(path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_log(path) -> list:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def write_log(path, rows: list, append: bool = False) -> None:
+    """log.jsonl, one row a step. Appends are flushed at once, so a crash loses no logged step."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if append:
+        with open(path, "a") as f:
+            f.write(text)
+    else:
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
