@@ -158,4 +158,7 @@ def train(args) -> Path:
 
 
 if __name__ == "__main__":
-    train(parse_args())
+    try:
+        train(parse_args())
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"train.py: {e}")

@@ -3,37 +3,17 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import mini_safediff as msd
 from mini_safediff.losses import ContrastiveCentres, SafetyLossConfig, safety_loss
 from mini_safediff.training import draw_noise_and_timesteps, encode_batch, load_checkpoint
 from mini_safediff.data import SafetyDataset, load_batch
-from tiny_models import saved_diffusers_pipeline
+from tiny_models import write_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    saved_diffusers_pipeline(folder / "ref", "sd1")
-    msd.load_pipeline(folder / "ref", device="cpu").save(folder / "ours")
-    return folder / "ours"
-
-
-def write_data(folder: Path, classes: list) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i, label in enumerate(classes):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"digit {i}", "class": label}) + "\n")
-    return folder
 
 
 def run(model, data, out, *extra):

@@ -58,3 +58,17 @@ def saved_diffusers_pipeline(folder: Path, kind: str = "sd1", prediction_type: s
         json.dumps({**SD_SCHEDULER, "prediction_type": prediction_type}))
     pipe.scheduler = PNDMScheduler.from_pretrained(folder / "scheduler")
     return pipe
+
+
+def write_data(folder: Path, classes: list) -> Path:
+    """A dataset folder in the official format: random 16x16 PNGs, one metadata.jsonl row each."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "metadata.jsonl", "w") as f:
+        for i, label in enumerate(classes):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "text": f"digit {i}", "class": label}) + "\n")
+    return folder
