@@ -29,7 +29,8 @@ from mini_safediff.weights import save_state_dict, write_json
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=[str(BUILTIN_MODEL)], help="one or more models to attack")
+    p.add_argument("--model", nargs="+", default=[str(BUILTIN_MODEL)], metavar="[NAME=]PATH",
+                   help="one or more models to attack")
     p.add_argument("--unet", help="UNet weights loaded over every --model")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override (single files)")
     p.add_argument("--data", help="metadata.jsonl folder; its class-2 rows are used (default: built-in digits)")
@@ -56,10 +57,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def model_names(models: list) -> list:
-    """Output folder names: the model's own name (`runs/lt/model` -> `lt`), numbered when they clash."""
-    names = [Path(m).stem if Path(m).stem != "model" else Path(m).parent.name for m in models]
-    return [f"{name}-{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+def named_models(models: list) -> list:
+    """(name, path) pairs for the output folders: `NAME=PATH`, or the model's own name (`runs/lt/model` -> `lt`),
+    numbered when names clash."""
+    pairs = [m.split("=", 1) if "=" in m else
+             (Path(m).stem if Path(m).stem != "model" else Path(m).parent.name, m) for m in models]
+    names = [name for name, _ in pairs]
+    return [(f"{name}-{i}" if names.count(name) > 1 else name, path) for i, (name, path) in enumerate(pairs)]
 
 
 def attack(args) -> list:
@@ -69,8 +73,7 @@ def attack(args) -> list:
     if args.data is None and args.harmful_only_data is None:
         from mini_safediff.digits import builtin_dataset
         args.data = str(builtin_dataset())
-    return [attack_one(model, Path(args.out) / name, save_at, args)
-            for model, name in zip(args.model, model_names(args.model))]
+    return [attack_one(path, Path(args.out) / name, save_at, args) for name, path in named_models(args.model)]
 
 
 def attack_one(model: str, out: Path, save_at: list, args) -> Path:
