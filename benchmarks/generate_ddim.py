@@ -33,7 +33,8 @@ def sd15_diffusers_pipeline():
     return StableDiffusionPipeline(
         unet=UNet2DConditionModel(**SD15_UNET), vae=AutoencoderKL(**SD_VAE),
         text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
-        tokenizer=CLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt")),
+        tokenizer=CLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt"),
+                                model_max_length=77),
         scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                 clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
