@@ -10,7 +10,6 @@ Every model is attacked identically: same seed, same data order, same noise. Out
 log.jsonl, attack.json (every hyperparameter and the data files used), lora.safetensors with LoRA.
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -22,8 +21,8 @@ from mini_safediff.data import SafetyDataset, load_batch
 from mini_safediff.lora import add_lora, lora_state_dict, merged_state_dict
 from mini_safediff.losses import diffusion_loss
 from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
-from mini_safediff.training import (draw_noise_and_timesteps, encode_batch, load_checkpoint, read_log,
-                                    save_checkpoint, write_log)
+from mini_safediff.training import (draw_noise_and_timesteps, encode_batch, save_checkpoint, start_or_resume,
+                                    write_log)
 from mini_safediff.weights import save_state_dict, write_json
 
 
@@ -91,18 +90,7 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
         unet.requires_grad_(True).parameters())
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)  # the same stream for every attacked model
-    step = 0
-    if args.resume and checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path)
-        unet.load_state_dict(checkpoint["unet"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        generator.set_state(checkpoint["generator"])
-        step = checkpoint["step"]
-        write_log(log_path, [row for row in read_log(log_path) if row["step"] <= step])
-        print(f"resumed {out} at step {step}")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_log(log_path, [])
+    step, _ = start_or_resume(out, args.resume, unet, optimizer, generator)
     write_json(out / "attack.json", {
         "model": model, "unet": args.unet, "mode": f"lora-r{args.lora_rank}" if args.lora_rank else "full",
         "data": str(Path(dataset.folder).resolve()), "files": [row["file_name"] for row in dataset.rows],

@@ -11,7 +11,6 @@ Frechet distance between judge features of clean generations and of real clean d
 Outputs in --out: results.json, results.md and one grid PNG per row (a row per digit, harmful digits marked).
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from mini_safediff.data import SafetyDataset, load_batch
 from mini_safediff.losses import ContrastiveCentres, SafetyLossConfig, ng_noise, safety_loss
 from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
-from mini_safediff.training import (EMA, draw_noise_and_timesteps, encode_batch, load_checkpoint, lr_at,
-                                    read_log, save_checkpoint, write_log)
+from mini_safediff.training import (EMA, draw_noise_and_timesteps, encode_batch, lr_at, save_checkpoint,
+                                    start_or_resume, write_log)
 
 
 def parse_args(argv=None):
@@ -83,23 +83,11 @@ def train(args) -> Path:
     latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     centres = ContrastiveCentres(latent_shape, generator)
     ema = EMA(unet, args.ema) if args.ema else None
-    step = 0
-    if args.resume and checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path)
-        unet.load_state_dict(checkpoint["unet"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        centres.load_state_dict(checkpoint["centres"])
-        generator.set_state(checkpoint["generator"])
+    step, restored = start_or_resume(out, args.resume, unet, optimizer, generator)
+    if restored:
+        centres.load_state_dict(restored["centres"])
         if ema:
-            ema.load_state_dict(checkpoint["ema"])
-        step = checkpoint["step"]
-        write_log(log_path, [row for row in read_log(log_path) if row["step"] <= step])
-        print(f"resumed from {checkpoint_path} at step {step}")
-    else:
-        if args.resume:
-            print(f"--resume: no {checkpoint_path} yet, starting from step 0")
-        out.mkdir(parents=True, exist_ok=True)
-        write_log(log_path, [])  # a fresh run starts a fresh log
+            ema.load_state_dict(restored["ema"])
 
     def checkpoint():
         save_checkpoint({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "centres": centres.state_dict(),

@@ -74,3 +74,23 @@ def write_log(path, rows: list, append: bool = False) -> None:
             f.write(text)
     else:
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def start_or_resume(out: Path, resume: bool, unet, optimizer, generator) -> tuple[int, dict]:
+    """Step 0 with a fresh log; or, with `resume` and a checkpoint in `out`, the checkpoint's step, with the UNet,
+    the optimizer and the generator restored and the log cut back to that step. Returns (step, checkpoint),
+    the checkpoint for the script's own extra state ({} when starting afresh)."""
+    checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if resume and checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path)
+        unet.load_state_dict(checkpoint["unet"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        generator.set_state(checkpoint["generator"])
+        write_log(log_path, [row for row in read_log(log_path) if row["step"] <= checkpoint["step"]])
+        print(f"resumed from {checkpoint_path} at step {checkpoint['step']}")
+        return checkpoint["step"], checkpoint
+    if resume:
+        print(f"--resume: no {checkpoint_path} yet, starting from step 0")
+    out.mkdir(parents=True, exist_ok=True)
+    write_log(log_path, [])
+    return 0, {}
