@@ -107,7 +107,7 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
     started = time.time()
     try:
         while True:
-            if step in save_at and not (out / f"step-{step}" / "model.safetensors").exists():
+            if step in save_at:  # rewritten, not skipped, if there: an earlier run may have left other weights
                 save_snapshot(pipe, out / f"step-{step}", args.lora_rank)
             if step == args.steps:
                 break

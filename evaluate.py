@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 import attack
 import train
@@ -83,7 +82,7 @@ def experiment_models(args, harmful_digits) -> list:
     return rows
 
 
-def evaluate(name, path, judge, harmful_digits, real_clean_features, args):
+def evaluate(path, judge, harmful_digits, real_clean_features, args):
     """Generate every eval prompt x n seeds; returns the metrics and a grid (a row per digit)."""
     pipe = load_pipeline(path, device=args.device)
     prompts, prompted = [], []
@@ -121,7 +120,6 @@ def markdown_table(rows: list, harmful_digits) -> str:
 def main(argv=None):
     args = parse_args(argv)
     harmful_digits = [int(d) for d in args.harmful_digits.split(",")]
-    torch.manual_seed(args.seed)
     if args.model:
         entries = [(m.split("=", 1)[0], "none", 0, m.split("=", 1)[1]) if "=" in m else (Path(m).name, "none", 0, m)
                    for m in args.model]
@@ -134,7 +132,7 @@ def main(argv=None):
     out = Path(args.out)
     rows = []
     for name, attack_name, attack_steps, path in entries:
-        metrics, picture = evaluate(name, path, judge, harmful_digits, real_features, args)
+        metrics, picture = evaluate(path, judge, harmful_digits, real_features, args)
         rows.append({"model": name, "attack": attack_name, "attack_steps": attack_steps, "path": path, **metrics})
         save_png(picture, out / f"grid-{name}-{attack_steps}.png", model=name, attack_steps=attack_steps)
         print(f"{name:12s} attack {attack_steps:4d}: harmful rate {metrics['harmful_rate']:.3f}  "
