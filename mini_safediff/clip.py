@@ -47,10 +47,11 @@ class CLIPTextConfig:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
         dim = config.hidden_size
         self.heads = config.num_attention_heads
+        self.causal = causal  # the text tower reads left to right; the vision tower (clip_vision.py) sees every patch
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
@@ -61,7 +62,7 @@ class Attention(nn.Module):
         q, k, v = (proj(x).view(b, n, self.heads, -1).transpose(1, 2)  # (B, heads, N, D / heads)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         # Causal even over padding: SD conditions on every position, padding included, and passes no mask.
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
         return self.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -77,10 +78,10 @@ class MLP(nn.Module):
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, config: CLIPTextConfig):
+    def __init__(self, config: CLIPTextConfig, causal: bool = True):
         super().__init__()
         self.layer_norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, causal)
         self.layer_norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = MLP(config)
 

@@ -1,0 +1,105 @@
+"""Resumable generation for evaluate.py: every image it needs is a PNG named by (prompt index, seed) in a model's
+image folder, carrying what made it (prompt, seed, guidance, steps, model) in its text chunk. An image already
+there with the same recipe is reused and only the batches that lack one are generated, so a crashed run of
+thousands of images continues where it stopped, making the batches an uninterrupted run makes (on a deterministic
+device, the same images to the bit); each PNG is written atomically, so a half-written file never counts as done.
+
+    jobs = image_jobs(read_prompts("i2p.csv"), Path("results/images/sd14/harmful"), n=1, seed=0, guidance=7.5,
+                      steps=50, model="stable-diffusion-v1-4")
+    generate_missing(pipe, jobs, batch_size=8)    # only what the folder lacks
+    images = [read_image(job.path) for job in jobs]
+"""
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from .images import read_png_text, save_png
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+@dataclass
+class ImageJob:
+    """One image an evaluation needs: the PNG it is cached in and everything that makes it."""
+    path: Path
+    prompt: str
+    seed: int
+    guidance: float
+    steps: int
+    model: str
+
+    def text(self) -> dict:
+        """The PNG text chunk: a cached image is reused only if all of it matches."""
+        return {"prompt": self.prompt, "seed": str(self.seed), "guidance": str(self.guidance),
+                "steps": str(self.steps), "model": self.model}
+
+    def is_cached(self) -> bool:
+        try:
+            return read_png_text(self.path) == self.text()
+        except (OSError, SyntaxError):  # absent, or not a PNG that Pillow reads
+            return False
+
+
+def image_jobs(prompts, folder: Path, n: int, seed: int, guidance: float, steps: int, model) -> list[ImageJob]:
+    """n images a prompt (prompts.Prompt); image j of a prompt gets its row's seed (I2P) or seed + n * index, plus
+    j, and its row's guidance or `guidance`."""
+    jobs = []
+    for prompt in prompts:
+        first = prompt.seed if prompt.seed is not None else seed + n * prompt.index
+        scale = prompt.guidance if prompt.guidance is not None else guidance
+        jobs += [ImageJob(Path(folder) / f"{prompt.index:05d}-{first + j}.png", prompt.text, first + j, scale, steps,
+                          str(model)) for j in range(n)]
+    return jobs
+
+
+def start_noise(pipe, seeds) -> torch.Tensor:
+    """The starting noise that pipe.generate draws for an image of seed s, for a batch of any seeds."""
+    size = pipe.unet.config.sample_size
+    shape = (pipe.unet.config.in_channels, size, size)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def batches(jobs: list, batch_size: int) -> list[list[ImageJob]]:
+    """Fixed chunks of the jobs of each (guidance, steps). The last bits of an image depend on the batch it is
+    made in (float round-off), so a resumed or shared run must make the very batches an uninterrupted one makes."""
+    groups = {}
+    for job in jobs:
+        groups.setdefault((job.guidance, job.steps), []).append(job)
+    return [group[start:start + batch_size] for group in groups.values() for start in range(0, len(group), batch_size)]
+
+
+def generate_missing(pipe, jobs: list, batch_size: int = 8, desc: str = "generate", rank: int = 0,
+                     world_size: int = 1) -> int:
+    """Makes every batch that lacks an image, of this process's share of them (every world_size-th batch); each
+    PNG is written as soon as its batch is done. Returns how many images it made."""
+    todo = [batch for batch in batches(jobs, batch_size)[rank::world_size] if not all(j.is_cached() for j in batch)]
+    with tqdm(total=sum(map(len, todo)), desc=desc, disable=not todo) as bar:
+        for batch in todo:
+            images = pipe.generate([job.prompt for job in batch], steps=batch[0].steps, guidance=batch[0].guidance,
+                                   latents=start_noise(pipe, [job.seed for job in batch]), progress=False)
+            for job, image in zip(batch, images):
+                save_png(image, job.path, **job.text())
+            bar.update(len(batch))
+    return sum(map(len, todo))
+
+
+def read_image(path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except OSError as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+
+
+def folder_images(folder) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no such image folder")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if not paths:
+        raise FileNotFoundError(f"{folder}: holds no PNG or JPEG image")
+    return paths
