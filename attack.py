@@ -8,21 +8,27 @@ Plain diffusion loss (eps or v, as the model's scheduler says) on harmful images
 Every model is attacked identically: same seed, same data order, same noise. Outputs per model under
 --out/NAME/: step-K/model (diffusers folder) and step-K/model.safetensors for each snapshot K,
 log.jsonl, attack.json (every hyperparameter and the data files used), lora.safetensors with LoRA.
+
+    torchrun --nproc_per_node 4 attack.py --batch-size 8 ...  # DDP: the same weights as one process, faster
 """
 import argparse
+import math
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from mini_safediff import distributed
 from mini_safediff.data import SafetyDataset, load_batch
 from mini_safediff.lora import add_lora, lora_state_dict, merged_state_dict
 from mini_safediff.losses import diffusion_loss
 from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
-from mini_safediff.training import (draw_noise_and_timesteps, encode_batch, save_checkpoint, start_or_resume,
-                                    write_log)
+from mini_safediff.training import (AdamWBF16, draw_noise_and_timesteps, encode_batch, save_checkpoint,
+                                    start_or_resume, write_log)
 from mini_safediff.weights import save_state_dict, write_json
 
 
@@ -36,12 +42,13 @@ def parse_args(argv=None):
     p.add_argument("--harmful-only-data", help="folder whose rows are all used as harmful (class optional)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=1, help="the global batch (under torchrun: all processes)")
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lora-rank", type=int, default=0, help="0: full UNet fine-tuning")
     p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default alpha = rank)")
     p.add_argument("--save-at", default="", help="snapshot steps, e.g. 0,20,100,200 (the last step is always saved)")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--adam-bf16", action="store_true", help="AdamW with its moments in bfloat16 (half the state)")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--random-flip", action="store_true")
     p.add_argument("--skip-bad", action="store_true")
@@ -77,7 +84,9 @@ def attack(args) -> list:
 
 def attack_one(model: str, out: Path, save_at: list, args) -> Path:
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    pipe = load_pipeline(model, device=args.device, unet=args.unet, prediction_type=args.prediction_type)
+    ddp, rank, world_size, device = distributed.setup(args.device, args.batch_size)
+    main_process = rank == 0  # logs, shows the bar and writes every file
+    pipe = load_pipeline(model, device=device, unet=args.unet, prediction_type=args.prediction_type)
     device, cuda = pipe.device, pipe.device.type == "cuda"
     bf16 = cuda if args.bf16 is None else args.bf16
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -88,50 +97,64 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
     unet.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
     params = add_lora(unet, args.lora_rank, args.lora_alpha, args.seed) if args.lora_rank else list(
         unet.requires_grad_(True).parameters())
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = (AdamWBF16 if args.adam_bf16 else torch.optim.AdamW)(params, lr=args.lr,
+                                                                     weight_decay=args.weight_decay)
     generator = torch.Generator().manual_seed(args.seed)  # the same stream for every attacked model
-    step, _ = start_or_resume(out, args.resume, unet, optimizer, generator)
-    write_json(out / "attack.json", {
-        "model": model, "unet": args.unet, "mode": f"lora-r{args.lora_rank}" if args.lora_rank else "full",
-        "data": str(Path(dataset.folder).resolve()), "files": [row["file_name"] for row in dataset.rows],
-        "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("model", "out", "resume", "quiet")},
-        "save_at": save_at})
+    step, _ = start_or_resume(out, args.resume, unet, optimizer, generator, main_process)
+    net = DDP(unet, device_ids=[device] if cuda else None) if ddp else unet  # DDP averages the gradients
+    if main_process:
+        write_json(out / "attack.json", {
+            "model": model, "unet": args.unet, "mode": f"lora-r{args.lora_rank}" if args.lora_rank else "full",
+            "data": str(Path(dataset.folder).resolve()), "files": [row["file_name"] for row in dataset.rows],
+            "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("model", "out", "resume", "quiet")},
+            "save_at": save_at})
 
     def checkpoint():
-        save_checkpoint({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
-                         "generator": generator.get_state(), "step": step, "args": vars(args)}, checkpoint_path)
+        if main_process:
+            save_checkpoint({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
+                             "generator": generator.get_state(), "step": step, "args": vars(args)}, checkpoint_path)
 
-    print(f"attacking {model} on {len(dataset)} harmful rows, {args.steps} steps, "
-          f"{'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full UNet'}, device {device}")
-    bar = tqdm(total=args.steps, initial=step, disable=args.quiet, desc=f"attack {out.name}")
+    if main_process:
+        print(f"attacking {model} on {len(dataset)} harmful rows, {args.steps} steps, "
+              f"{'LoRA rank %d' % args.lora_rank if args.lora_rank else 'full UNet'}, device {device}"
+              + (f", {world_size} processes" if ddp else ""))
+    bar = tqdm(total=args.steps, initial=step, disable=args.quiet or not main_process, desc=f"attack {out.name}")
     started = time.time()
     try:
         while True:
-            if step in save_at:  # rewritten, not skipped, if there: an earlier run may have left other weights
+            if step in save_at and main_process:  # rewritten, not skipped: an earlier run may have left other weights
                 save_snapshot(pipe, out / f"step-{step}", args.lora_rank)
             if step == args.steps:
                 break
             for micro in range(args.grad_accum):
-                batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed)
-                x0, context = encode_batch(pipe, batch, generator)
-                noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator)
+                batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed,
+                                   rank=rank, world_size=world_size)
+                x0, context = encode_batch(pipe, batch, generator, rank, world_size)
+                noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator, rank,
+                                                    world_size)
                 x_t = pipe.schedule.add_noise(x0, noise, t)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    pred = unet(x_t, t, context)
-                loss = diffusion_loss(pred, x0, noise, t, pipe.schedule)
-                if not torch.isfinite(loss):
-                    sys.exit(f"{out.name} step {step}: the loss is {loss.item()}. Stopped; the last good checkpoint "
-                             f"is {checkpoint_path}. Try a smaller --lr.")
-                (loss / args.grad_accum).backward()
+                # DDP: gradients are averaged over the ranks on the last micro-batch's backward only
+                with net.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext():
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        pred = net(x_t, t, context)
+                    loss = diffusion_loss(pred, x0, noise, t, pipe.schedule)
+                    stats = {"loss": loss.item()}
+                    if ddp:  # the whole batch's mean for the log; a NaN on any rank stops every rank
+                        stats = distributed.mean_over_ranks(stats, device)
+                    if not math.isfinite(stats["loss"]):
+                        sys.exit(f"{out.name} step {step}: the loss is {stats['loss']}. Stopped; the last good "
+                                 f"checkpoint is {checkpoint_path}. Try a smaller --lr.")
+                    (loss / args.grad_accum).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            write_log(log_path, [{"step": step, "lr": args.lr, "loss": loss.item(), "grad_norm": grad_norm,
-                                  "files": batch["file_name"], "seconds": round(time.time() - started, 3)}],
-                      append=True)
+            if main_process:
+                write_log(log_path, [{"step": step, "lr": args.lr, "loss": stats["loss"], "grad_norm": grad_norm,
+                                      "files": batch["file_name"], "seconds": round(time.time() - started, 3)}],
+                          append=True)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{stats['loss']:.4f}")
             if step % args.checkpoint_every == 0:
                 checkpoint()
     except KeyboardInterrupt:
@@ -139,9 +162,12 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
         sys.exit(f"\ninterrupted at step {step}: saved {checkpoint_path}; continue with --resume")
     bar.close()
     checkpoint()
-    if args.lora_rank:
-        save_state_dict(lora_state_dict(unet), out / "lora.safetensors")
-    print(f"saved snapshots {save_at} under {out}")
+    if main_process:
+        if args.lora_rank:
+            save_state_dict(lora_state_dict(unet), out / "lora.safetensors")
+        print(f"saved snapshots {save_at} under {out}")
+    if ddp:
+        torch.distributed.barrier()  # the other ranks return once the snapshots are written
     return out / f"step-{args.steps}" / "model"
 
 
@@ -162,3 +188,5 @@ if __name__ == "__main__":
         attack(parse_args())
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"attack.py: {e}")
+    finally:
+        distributed.cleanup()

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .distributed import shard
+
 CLASSES = {1: False, 2: True}  # class -> harmful
 ROW_MODES = ("all", "harmful", "all_harmful")
 MAX_REPORTED = 20  # bad rows listed in one error
@@ -158,10 +160,14 @@ def batch_indices(harmful: torch.Tensor, batch_size: int, step: int, seed: int, 
     return out
 
 
-def load_batch(dataset: SafetyDataset, batch_size: int, step: int, seed: int, balanced: bool = False) -> dict:
-    """Batch number `step` of a run, flips included: the same batch whenever it is asked for."""
-    indices = batch_indices(dataset.harmful, batch_size, step, seed, balanced)
+def load_batch(dataset: SafetyDataset, batch_size: int, step: int, seed: int, balanced: bool = False,
+               rank: int = 0, world_size: int = 1) -> dict:
+    """Batch number `step` of a run, flips included: the same batch whenever it is asked for.
+    Under DDP (world_size > 1) only this rank's rows are read; `file_name` still names the whole batch, for the log."""
+    indices = batch_indices(dataset.harmful, batch_size, step, seed, balanced).tolist()
     flips = [False] * batch_size
     if dataset.random_flip:
         flips = (torch.rand(batch_size, generator=_generator(seed, 3, step)) < 0.5).tolist()  # stream 3: flips
-    return collate([dataset.load(i, flip) for i, flip in zip(indices.tolist(), flips)])
+    batch = collate([dataset.load(i, flip) for i, flip in zip(shard(indices, rank, world_size),
+                                                               shard(flips, rank, world_size))])
+    return {**batch, "file_name": [dataset.rows[i]["file_name"] for i in indices]}

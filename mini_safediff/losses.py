@@ -59,11 +59,14 @@ def contrast_latent(x0_hat: torch.Tensor, harmful: torch.Tensor, method: str) ->
 
 class ContrastiveCentres:
     """Running means of z for the clean (row 0) and the harmful (row 1) class: statistics, not parameters,
-    so no gradient flows into them. Started as in the official code: U[0, 1) with a count of 1 each."""
+    so no gradient flows into them. Started as in the official code: U[0, 1) with a count of 1 each.
+    sum_over_ranks (DDP): each update sums the classes' z and counts over all processes first, so every rank
+    holds the centres that one process would hold after the whole batch."""
 
-    def __init__(self, shape, generator: torch.Generator):
+    def __init__(self, shape, generator: torch.Generator, sum_over_ranks: bool = False):
         self.mean = torch.rand((2, *shape), generator=generator)  # (2, C, H, W)
         self.count = torch.ones(2)
+        self.sum_over_ranks = sum_over_ranks
 
     def _to(self, device):
         self.mean, self.count = self.mean.to(device), self.count.to(device)
@@ -78,6 +81,9 @@ class ContrastiveCentres:
         # masked sums, not z[harmful]: no host sync, deterministic on GPU, and float32 under autocast
         sums = torch.stack([torch.where(harmful, 0.0, z).sum(0), torch.where(harmful, z, 0.0).sum(0)])
         n = torch.stack([(~harmful).sum(), harmful.sum()]).float().view(2, 1, 1, 1)
+        if self.sum_over_ranks:
+            torch.distributed.all_reduce(sums)
+            torch.distributed.all_reduce(n)
         # mean += (sum - n mean) / (count + n): the mean of all z seen so far, with no big running sum
         self.count += n.flatten()
         self.mean += (sums - n * self.mean) / self.count.view(2, 1, 1, 1)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import shard
 from .weights import atomic_write
 
 
@@ -19,18 +20,26 @@ def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "constant
 
 
 @torch.no_grad()
-def encode_batch(pipe, batch: dict, generator: torch.Generator):
-    """Images -> scaled latents x0 (sampled from the VAE posterior), texts -> CLIP hidden states."""
+def encode_batch(pipe, batch: dict, generator: torch.Generator, rank: int = 0, world_size: int = 1):
+    """Images -> scaled latents x0 (sampled from the VAE posterior), texts -> CLIP hidden states.
+    Under DDP `batch` holds this rank's rows; the posterior noise is drawn for the whole batch and sliced."""
     pixels = batch["pixel_values"].to(pipe.device, pipe.dtype)
-    latents = pipe.vae.encode(pixels).sample(generator=generator) * pipe.vae.config.scaling_factor
-    return latents.float(), pipe.encode_prompts(batch["text"])
+    posterior = pipe.vae.encode(pixels)
+    # What posterior.sample(generator) draws, for world_size times as many rows: every rank takes its own.
+    eps = torch.randn((world_size * len(pixels), *posterior.mean.shape[1:]), generator=generator,
+                      device=generator.device, dtype=posterior.mean.dtype)
+    sample = posterior.mean + posterior.std * shard(eps, rank, world_size).to(pipe.device)
+    return (sample * pipe.vae.config.scaling_factor).float(), pipe.encode_prompts(batch["text"])
 
 
-def draw_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator):
-    """Drawn on the CPU from the run's own generator: the same numbers on every device and after resume."""
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-    timesteps = torch.randint(0, num_train_timesteps, (latents.shape[0],), generator=generator).to(latents.device)
-    return noise, timesteps
+def draw_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator,
+                             rank: int = 0, world_size: int = 1):
+    """Drawn on the CPU from the run's own generator: the same numbers on every device and after resume.
+    Under DDP `latents` are this rank's rows: the whole batch is drawn and this rank's rows kept."""
+    shape = (world_size * latents.shape[0], *latents.shape[1:])
+    noise = torch.randn(shape, generator=generator)
+    timesteps = torch.randint(0, num_train_timesteps, shape[:1], generator=generator)
+    return shard(noise, rank, world_size).to(latents.device), shard(timesteps, rank, world_size).to(latents.device)
 
 
 class EMA:
@@ -50,6 +59,57 @@ class EMA:
 
     def load_state_dict(self, state: dict):
         self.decay, self.shadow = state["decay"], state["shadow"]
+
+
+class AdamWBF16(torch.optim.Optimizer):
+    """torch.optim.AdamW (same formulas, defaults and order of operations) with both moment estimates stored in
+    bfloat16: 4 bytes of optimizer state a parameter instead of 8. The update is computed in float32 and applied to
+    the float32 weights. The states are stored with stochastic rounding: rounded to nearest, the second moment
+    could neither decay (0.999 v rounds back to v with bfloat16's 8 significant bits) nor grow by less than ~0.2%
+    a step; rounded at random, it does both in expectation. The random bits come from a generator seeded with the
+    step number, so every DDP rank rounds alike and a resumed run goes on exactly."""
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self):
+        rounding = {}  # device -> generator
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.dtype != torch.float32:
+                    raise ValueError(f"AdamWBF16 keeps float32 weights; got a {p.dtype} parameter {tuple(p.shape)}")
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.bfloat16)
+                state["step"] += 1
+                step = state["step"].item()
+                if p.device not in rounding:
+                    rounding[p.device] = torch.Generator(p.device).manual_seed(int(step))
+                p.mul_(1 - lr * weight_decay)
+                exp_avg = state["exp_avg"].float().lerp_(p.grad, 1 - beta1)
+                exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+                p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
+                state["exp_avg"] = round_to_bfloat16(exp_avg, rounding[p.device])
+                state["exp_avg_sq"] = round_to_bfloat16(exp_avg_sq, rounding[p.device])
+
+    def load_state_dict(self, state_dict: dict):
+        super().load_state_dict(state_dict)  # which casts the states to the parameters' float32
+        for state in self.state.values():
+            state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].bfloat16(), state["exp_avg_sq"].bfloat16()
+
+
+def round_to_bfloat16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 -> bfloat16 (the upper 16 bits), rounded up with probability (lower 16 bits) / 2^16 and down
+    otherwise, so that the expected value is x: random lower bits are added, then cut off."""
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
+    return ((x.view(torch.int32) + noise) & -(1 << 16)).view(torch.float32).bfloat16()
 
 
 def save_checkpoint(checkpoint: dict, path) -> None:
@@ -76,21 +136,25 @@ def write_log(path, rows: list, append: bool = False) -> None:
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def start_or_resume(out: Path, resume: bool, unet, optimizer, generator) -> tuple[int, dict]:
+def start_or_resume(out: Path, resume: bool, unet, optimizer, generator,
+                    main_process: bool = True) -> tuple[int, dict]:
     """Step 0 with a fresh log; or, with `resume` and a checkpoint in `out`, the checkpoint's step, with the UNet,
     the optimizer and the generator restored and the log cut back to that step. Returns (step, checkpoint),
-    the checkpoint for the script's own extra state ({} when starting afresh)."""
+    the checkpoint for the script's own extra state ({} when starting afresh). Under DDP every rank restores;
+    only the main process (rank 0) prints and writes."""
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     if resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path)
         unet.load_state_dict(checkpoint["unet"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         generator.set_state(checkpoint["generator"])
-        write_log(log_path, [row for row in read_log(log_path) if row["step"] <= checkpoint["step"]])
-        print(f"resumed from {checkpoint_path} at step {checkpoint['step']}")
+        if main_process:
+            write_log(log_path, [row for row in read_log(log_path) if row["step"] <= checkpoint["step"]])
+            print(f"resumed from {checkpoint_path} at step {checkpoint['step']}")
         return checkpoint["step"], checkpoint
-    if resume:
-        print(f"--resume: no {checkpoint_path} yet, starting from step 0")
-    out.mkdir(parents=True, exist_ok=True)
-    write_log(log_path, [])
+    if main_process:
+        if resume:
+            print(f"--resume: no {checkpoint_path} yet, starting from step 0")
+        out.mkdir(parents=True, exist_ok=True)
+        write_log(log_path, [])
     return 0, {}

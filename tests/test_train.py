@@ -8,7 +8,7 @@ import torch
 
 import mini_safediff as msd
 from mini_safediff.losses import ContrastiveCentres, SafetyLossConfig, safety_loss
-from mini_safediff.training import draw_noise_and_timesteps, encode_batch, load_checkpoint
+from mini_safediff.training import AdamWBF16, draw_noise_and_timesteps, encode_batch, load_checkpoint
 from mini_safediff.data import SafetyDataset, load_batch
 from tiny_models import write_data
 
@@ -88,3 +88,72 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, tmp_path):
     kept = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert kept["step"] == 2
     assert all(torch.equal(good["unet"][k], kept["unet"][k]) for k in good["unet"])
+
+
+def optimize(optimizer_class, weights, gradients, **options):
+    """The weights after one optimizer step per gradient."""
+    weights = weights.clone().requires_grad_(True)
+    optimizer = optimizer_class([weights], **options)
+    for gradient in gradients:
+        weights.grad = gradient.clone()
+        optimizer.step()
+    return weights.detach(), optimizer
+
+
+def test_adam_bf16_equals_adamw_where_bfloat16_holds_the_states_exactly():
+    # Gradients in {+-0.5, +-1, +-2} with betas 0.5: three steps of moments need at most 7 significant bits.
+    weights, generator = torch.randn(1000), torch.Generator().manual_seed(0)
+    gradients = [torch.tensor([-2.0, -1.0, -0.5, 0.5, 1.0, 2.0])[torch.randint(0, 6, (1000,), generator=generator)]
+                 for _ in range(3)]
+    options = dict(lr=1e-2, betas=(0.5, 0.5), weight_decay=0.1)
+    ours, optimizer = optimize(AdamWBF16, weights, gradients, **options)
+    theirs, _ = optimize(torch.optim.AdamW, weights, gradients, foreach=False, **options)
+    assert torch.equal(ours, theirs)
+    state = next(iter(optimizer.state.values()))
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+
+
+def test_adam_bf16_stays_close_to_adamw():
+    # Each stored moment is off by at most one bfloat16 step (2^-7 relative), at random in both directions.
+    weights, generator = torch.randn(10000), torch.Generator().manual_seed(0)
+    gradients = [torch.randn(10000, generator=generator) + 0.5 for _ in range(20)]
+    ours, _ = optimize(AdamWBF16, weights, gradients, lr=1e-3)
+    theirs, _ = optimize(torch.optim.AdamW, weights, gradients, lr=1e-3, foreach=False)
+    assert (ours - theirs).abs().mean() <= 2 ** -7 * (theirs - weights).abs().mean()
+
+
+def test_adam_bf16_second_moment_decays_thanks_to_stochastic_rounding():
+    # Rounded to nearest, 0.999 v would round back to v at every step and v would never decay.
+    weights = torch.randn(10000)
+    gradients = [torch.ones(10000)] + [torch.zeros(10000)] * 100
+    _, ours = optimize(AdamWBF16, weights, gradients, lr=1e-3)
+    _, theirs = optimize(torch.optim.AdamW, weights, gradients, lr=1e-3, foreach=False)
+    v_ours, v_theirs = (next(iter(o.state.values()))["exp_avg_sq"].float().mean() for o in (ours, theirs))
+    assert v_theirs == pytest.approx(1e-3 * 0.999 ** 100, rel=1e-4)
+    assert v_ours == pytest.approx(v_theirs, rel=2e-3)
+
+
+def test_adam_bf16_rounds_alike_whatever_the_global_random_state():
+    # DDP ranks and resumed runs must round identically: the rounding bits depend on the step number only.
+    weights, gradients = torch.randn(1000), [torch.randn(1000) for _ in range(3)]
+    torch.manual_seed(1)
+    first, _ = optimize(AdamWBF16, weights, gradients)
+    torch.manual_seed(2)
+    second, _ = optimize(AdamWBF16, weights, gradients)
+    assert torch.equal(first, second)
+
+
+def test_adam_bf16_refuses_low_precision_weights():
+    with pytest.raises(ValueError, match="float32 weights; got a torch.bfloat16 parameter"):
+        optimize(AdamWBF16, torch.randn(4).bfloat16(), [torch.randn(4).bfloat16()])
+
+
+def test_adam_bf16_checkpoints_keep_bf16_states_and_resume_exactly(model, tmp_path):
+    data = write_data(tmp_path / "data", [1, 2, 1, 2, 1])
+    common = ["--adam-bf16", "--batch-size", "2", "--lambda", "1e-3", "--checkpoint-every", "2"]
+    straight = unet_weights(run(model, data, tmp_path / "straight", "--steps", "4", *common))
+    run(model, data, tmp_path / "resumed", "--steps", "2", *common)
+    states = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["optimizer"]["state"].values()
+    assert {state[key].dtype for state in states for key in ("exp_avg", "exp_avg_sq")} == {torch.bfloat16}
+    resumed = unet_weights(run(model, data, tmp_path / "resumed", "--steps", "4", "--resume", *common))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
