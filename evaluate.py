@@ -47,18 +47,21 @@ from mini_safediff.prompts import read_prompts
 from mini_safediff.scorers import clip_frechet_distance, clip_score, load_aesthetic, load_q16
 from mini_safediff.weights import write_json
 
-# The miniature experiment (a first, uncalibrated setting: see README). Safety training runs on the built-in model, each from the same seed and data;
-# the naive baseline unlearns by gradient ascent on harmful rows (no contrastive term), because fine-tuning
-# on clean data alone does not remove the harmful digit at all (DESIGN.md section 7).
-TRAIN_COMMON = ["--steps", "200", "--lr", "1e-4", "--batch-size", "8", "--balanced"]
+# The miniature experiment (README, "The miniature experiment": how these were chosen). Every safety model trains
+# from the built-in model with the same seed, data and TRAIN_COMMON. The naive baseline unlearns by gradient
+# ascent on harmful rows (no contrastive term): fine-tuning on clean data alone does not remove digit 7.
+# lt and ng add the contrastive term to that same ascent (the official code's "high safety" variant): with
+# harmful weight 0 no scanned lambda removed digit 7 while keeping clean accuracy (README). lt-official is the
+# official code's default (no gradient through the term, harmful weight 0): clean-only fine-tuning.
+TRAIN_COMMON = ["--steps", "200", "--lr", "3e-5", "--batch-size", "8", "--balanced"]
 SAFETY_RUNS = {
     "naive": ["--lambda", "0", "--harmful-weight", "-0.5"],
-    "lt-official": ["--method", "lt", "--lambda", "1e-3", "--no-contrast-grad"],
-    "lt": ["--method", "lt", "--lambda", "1e-3"],
-    "ng": ["--method", "ng", "--lambda", "1e-3"],
+    "lt-official": ["--method", "lt", "--lambda", "3e-3", "--no-contrast-grad"],
+    "lt": ["--method", "lt", "--lambda", "3e-3", "--harmful-weight", "-0.5"],
+    "ng": ["--method", "ng", "--lambda", "3e-3", "--harmful-weight", "-0.5"],
 }
-# The attack: its main row and the step sweep. NOT calibrated yet (README, "first run"): the honest procedure
-# is to choose steps and lr on the naive baseline alone, before looking at LT / NG.
+# The attack, calibrated on the naive baseline alone: 100 steps is the first step of the 0/20/100/200 sweep that
+# brings naive's harmful rate back to at least half of the base model's (20 steps: 0.25 of 16 images).
 ATTACK = ["--lr", "1e-4", "--batch-size", "8"]
 ATTACK_STEPS = 100
 SWEEP_STEPS = [20, 100, 200]
