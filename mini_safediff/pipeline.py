@@ -30,6 +30,8 @@ WEIGHT_NAMES = [f"{stem}{variant}.{ext}"
 # The built-in tiny model (diffusers layout) that every script uses when no --model is given.
 BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "weights"
 SAMPLERS = {"ddim": samplers.ddim, "dpmpp-2m": samplers.dpmpp_2m}
+# VAE decoding of a batch goes in slices of this many output pixels (4 images at 512x512).
+DECODE_SLICE_PIXELS = 2**20
 # Keys that published files carry but that hold no weights of ours.
 TEXT_KEYS_SAFE_TO_DROP = {"text_model.embeddings.position_ids"}
 
@@ -96,8 +98,14 @@ class Pipeline:
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoder(ids)  # (B, 77, D)
+        """(B, 77, D). Each distinct prompt is encoded once: batches often repeat one (several images per
+        prompt, the same negative prompt for every image)."""
+        distinct = list(dict.fromkeys(prompts))
+        hidden = self.text_encoder(self.tokenizer(distinct).to(self.device))
+        if len(distinct) == len(prompts):
+            return hidden
+        row = {prompt: i for i, prompt in enumerate(distinct)}
+        return hidden[torch.tensor([row[prompt] for prompt in prompts], device=hidden.device)]
 
     @property
     def vae_scale_factor(self) -> int:
@@ -140,25 +148,25 @@ class Pipeline:
         results = []
         for start in range(0, len(prompts), batch_size):
             end = start + batch_size
-            cond = self.encode_prompts(prompts[start:end])
-            uncond = self.encode_prompts(negatives[start:end]) if guidance > 1 else None
+            # Both branches' texts in one encoder call, in the order the guided UNet call takes them.
+            context = self.encode_prompts(list(negatives[start:end] if guidance > 1 else []) + prompts[start:end])
             generator = torch.Generator().manual_seed(seed + start)  # DDIM eta > 0 noise
-            final = SAMPLERS[sampler](self._guided_model(cond, uncond, guidance),
+            final = SAMPLERS[sampler](self._guided_model(context, guidance),
                                       latents[start:end].to(self.device, self.dtype), self.schedule, steps,
                                       generator=generator, progress=progress,
                                       **({"eta": eta} if sampler == "ddim" else {}))
             results.append(final if return_latents else self.decode_to_uint8(final))
         return torch.cat(results) if return_latents else np.concatenate(results)
 
-    def _guided_model(self, cond, uncond, guidance):
+    def _guided_model(self, context, guidance):
         """The model function the samplers call: the UNet with classifier-free guidance, both branches
-        in one batched call (as in diffusers, guidance applies only when > 1)."""
-        context = cond if uncond is None else torch.cat([uncond, cond])
+        in one batched call (as in diffusers, guidance applies only when > 1). context: the negative
+        prompts' encodings, then the prompts' (the prompts' alone without guidance)."""
+        guided = guidance > 1
 
         def model_fn(x, t):
-            x_in = x if uncond is None else torch.cat([x, x])
-            out = self.unet(x_in, t, context)
-            if uncond is None:
+            out = self.unet(torch.cat([x, x]) if guided else x, t, context)
+            if not guided:
                 return out
             out_uncond, out_cond = out.chunk(2)
             return out_uncond + guidance * (out_cond - out_uncond)
@@ -166,9 +174,15 @@ class Pipeline:
 
     @torch.no_grad()
     def decode_to_uint8(self, latents: torch.Tensor) -> np.ndarray:
-        images = self.vae.decode(latents / self.vae.config.scaling_factor)  # (B, 3, H, W) in [-1, 1]
-        images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (B, H, W, 3)
-        return (images.cpu().numpy() * 255).round().astype(np.uint8)
+        """Decoded in slices of about DECODE_SLICE_PIXELS output pixels: the decoder's full-resolution
+        activations (128 channels or more per pixel) would otherwise grow with the whole batch."""
+        pixels = latents.shape[-2] * latents.shape[-1] * self.vae_scale_factor ** 2
+        results = []
+        for chunk in latents.split(max(1, DECODE_SLICE_PIXELS // pixels)):
+            images = self.vae.decode(chunk / self.vae.config.scaling_factor)  # (b, 3, H, W) in [-1, 1]
+            images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (b, H, W, 3)
+            results.append((images.cpu().numpy() * 255).round().astype(np.uint8))
+        return np.concatenate(results)
 
     def save(self, path) -> None:
         """A folder -> diffusers layout; a `.safetensors` path -> one LDM single file."""

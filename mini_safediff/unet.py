@@ -190,27 +190,23 @@ class Transformer2DModel(nn.Module):
     """The feature map as a sequence of H*W tokens through a transformer block, added back to the input."""
     def __init__(self, channels: int, heads: int, config: UNetConfig):
         super().__init__()
-        self.linear = config.use_linear_projection
+        linear = config.use_linear_projection
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
-        self.proj_in = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
         self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, config)])
-        self.proj_out = nn.Linear(channels, channels) if self.linear else nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context, run=call):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        if not self.linear:
-            h = self.proj_in(h)
-        h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C): a token per pixel
-        if self.linear:
-            h = self.proj_in(h)
+        h = self.norm(x).permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, C, H, W) -> (B, HW, C): a token per pixel
+        # SD 1's 1x1 convs act as Linears on the tokens (weight (C, C, 1, 1) viewed as (C, C)): one matmul over
+        # all pixels, whose output is the contiguous (B, HW, C) the blocks want (a conv's output, permuted,
+        # would be copied again by the first LayerNorm).
+        h = F.linear(h, self.proj_in.weight.flatten(1), self.proj_in.bias)
         for block in self.transformer_blocks:
             h = run(block, h, context)
-        if self.linear:
-            h = self.proj_out(h)
+        h = F.linear(h, self.proj_out.weight.flatten(1), self.proj_out.bias)
         h = h.reshape(B, H, W, C).permute(0, 3, 1, 2)  # back to (B, C, H, W), a strided view
-        if not self.linear:
-            h = self.proj_out(h)
         return x + h  # x first: the sum comes out in x's contiguous layout, no separate copy of h
 
 
@@ -329,7 +325,11 @@ class UNet2DConditionModel(nn.Module):
         """sample: (B, in_channels, H, W) noisy latents; timestep: a number, a 0-d tensor, or a (1,) or (B,)
         tensor; encoder_hidden_states: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W)."""
         run = checkpointed if self.gradient_checkpointing and self.training and torch.is_grad_enabled() else call
-        t = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(sample.shape[0])
+        # One timestep for the whole batch (as in sampling) makes one embedding row that every resnet
+        # broadcasts: the time MLP and the resnets' projections of it run once, not once per image.
+        t = torch.as_tensor(timestep, device=sample.device).reshape(-1)  # (1,) or (B,)
+        if len(t) not in (1, len(sample)):
+            raise ValueError(f"unet: {len(t)} timesteps for a batch of {len(sample)}")
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift)
         # Every resnet applies SiLU to the embedding before its projection: do it once here.

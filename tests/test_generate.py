@@ -61,3 +61,34 @@ def test_bad_input_is_refused_clearly(models, kwargs, message):
     kwargs = {"prompts": PROMPTS, **kwargs}
     with pytest.raises(ValueError, match=message):
         ours.generate(kwargs.pop("prompts"), progress=False, **kwargs)
+
+
+def test_each_distinct_prompt_is_encoded_once(models):
+    _, ours = models
+    seen = []
+    hook = ours.text_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    try:
+        hidden = ours.encode_prompts(["a cat", "", "a cat", ""])
+        ours.generate(["a cat"] * 3, steps=1, guidance=5.0, progress=False)  # negatives "" x 3, prompts "a cat" x 3
+    finally:
+        hook.remove()
+    assert seen == [2, 2]
+    alone = torch.cat([ours.encode_prompts([p]) for p in ["a cat", "", "a cat", ""]])
+    assert torch.allclose(hidden, alone, atol=1e-6)
+
+
+def test_vae_decodes_in_slices_with_the_same_images(models, monkeypatch):
+    import mini_safediff.pipeline as pipeline_module
+
+    _, ours = models
+    latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    whole = ours.decode_to_uint8(latents)
+    sizes = []
+    hook = ours.vae.decoder.register_forward_hook(lambda module, args, out: sizes.append(args[0].shape[0]))
+    monkeypatch.setattr(pipeline_module, "DECODE_SLICE_PIXELS", 2 * 16 * 16)  # two 16x16 images per slice
+    try:
+        sliced = ours.decode_to_uint8(latents)
+    finally:
+        hook.remove()
+    assert sizes == [2, 2, 1]
+    assert sliced.shape == whole.shape and np.abs(sliced.astype(int) - whole).max() <= 1

@@ -146,3 +146,10 @@ def test_every_diffusers_option_is_classified():
 def test_unsupported_config_is_refused_by_name(change, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(UNetConfig, {**SD21_UNET, **change}, "unet/config.json")
+
+
+def test_timesteps_must_be_one_or_one_per_image(pair):
+    ours, _ = pair
+    sample, context = inputs(ours, 8, 8)
+    with pytest.raises(ValueError, match="unet: 3 timesteps for a batch of 2"):
+        ours(sample, torch.tensor([1, 2, 3]), context)

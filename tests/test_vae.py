@@ -87,3 +87,19 @@ def test_full_size_sd_vae_keys_and_shapes_equal_diffusers():
 def test_unsupported_config_refused_by_name(key, value):
     with pytest.raises(ConfigError, match=key):
         config_from_dict(VAEConfig, {**SD_VAE, key: value}, "vae/config.json")
+
+
+@torch.no_grad()
+def test_runs_channels_last_on_cpu(tmp_path):
+    """oneDNN's CPU convolutions reorder NCHW tensors on every call (time and a buffer the size of the output):
+    the VAE works channels-last there, whatever the caller's layout, with the same result."""
+    ours, _ = saved_pair(tmp_path, **TINY["small"])
+    seen = []
+    hook = ours.decoder.up_blocks[0].resnets[0].conv1.register_forward_hook(
+        lambda module, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    latents = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(3))
+    images = ours.decode(latents)
+    hook.remove()
+    assert seen == [True]
+    assert torch.equal(images, ours.decode(latents.contiguous(memory_format=torch.channels_last)))
+    assert torch.equal(ours.encode(images).mean, ours.encode(images.contiguous()).mean)
