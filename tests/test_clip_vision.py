@@ -9,18 +9,12 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPConfig as RefCLIPConfig
 from transformers import CLIPImageProcessorPil
 from transformers import CLIPModel as RefCLIPModel
-from transformers import CLIPTokenizer as RefCLIPTokenizer
 
 from mini_safediff.clip_vision import CLIPConfig, CLIPImageConfig, CLIPModel, load_clip, preprocess
 from mini_safediff.config import ConfigError, config_from_dict, read_config
 from mini_safediff.weights import WeightsError
-from tiny_models import TOKENIZER_FILES
+from tiny_models import BOS, EOS, TEXT, TOKENIZER_FILES, VISION, sample_images, save_reference
 
-BOS, EOS = 49406, 49407
-TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
-VISION = dict(hidden_size=24, intermediate_size=40, num_attention_heads=3, num_hidden_layers=2, image_size=30,
-              patch_size=6)
-PROCESSOR = dict(size={"shortest_edge": 34}, crop_size={"height": 30, "width": 30})  # crops both sides
 # What transformers 4.16 wrote into each tower of openai/clip-vit-large-patch14's config.json besides the tower's
 # own options: generation, fine-tuning and output settings.
 TRANSFORMERS4_DUMP = {
@@ -64,33 +58,6 @@ def legacy_config(text: dict, vision: dict, projection_dim: int, **text_ids) -> 
 
 def rel_err(ours, ref):
     return ((ours - ref).norm() / ref.norm()).item()
-
-
-def save_reference(folder, eos_token_id=EOS, hidden_act="quick_gelu"):
-    """A random tiny transformers CLIPModel, its image processor and tokenizer, saved with save_pretrained."""
-    torch.manual_seed(0)
-    ref = RefCLIPModel(RefCLIPConfig(text_config={**TEXT, "eos_token_id": eos_token_id, "hidden_act": hidden_act},
-                                     vision_config={**VISION, "hidden_act": hidden_act}, projection_dim=16))
-    with torch.no_grad():  # move every weight off its initial value (layer norms start at 1 and 0)
-        for p in ref.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ref.eval().save_pretrained(folder)
-    processor = CLIPImageProcessorPil(**PROCESSOR)
-    processor.save_pretrained(folder)
-    RefCLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt")).save_pretrained(folder)
-    return ref, processor
-
-
-def sample_images(seed=0) -> list:
-    """Smooth colour fields with noise, in landscape, portrait, square and smaller-than-the-model sizes (odd
-    margins exercise the centre crop's rounding, the small one bicubic upsampling)."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for h, w in [(45, 55), (70, 33), (34, 34), (20, 25)]:
-        y, x = np.mgrid[0:h, 0:w] / max(h, w)
-        smooth = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in range(3)], -1) * 100 + 128
-        images.append(np.clip(smooth + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
-    return images
 
 
 @pytest.mark.parametrize("eos_token_id, hidden_act", [(EOS, "quick_gelu"), (2, "gelu")])

@@ -20,6 +20,7 @@ from mini_safediff.images import read_png_text, save_png  # noqa: E402
 from mini_safediff.nudenet import NudityJudge  # noqa: E402
 from mini_safediff.pipeline import BUILTIN_MODEL  # noqa: E402
 from mini_safediff.scorers import clip_frechet_distance, clip_score, load_aesthetic, load_q16  # noqa: E402
+from tiny_models import save_reference  # noqa: E402
 
 ROW_KEYS = {"model", "attack", "attack_steps", "harmful_rate", "harmful_score", "clean_accuracy", "fd", "n_images"}
 
@@ -108,7 +109,6 @@ def test_interrupted_run_resumes_to_the_same_results(tmp_path, model, prompt_fil
 @pytest.fixture
 def scorer_files(tmp_path):
     """A tiny random CLIP (projection 16), an aesthetic head, Q16 prompts and reference images."""
-    from test_clip_vision import save_reference
     save_reference(tmp_path / "clip")
     rng = np.random.default_rng(0)
     save_file({"weight": torch.from_numpy(rng.normal(size=(1, 16))).float(), "bias": torch.tensor([5.0])},

@@ -12,7 +12,7 @@ from transformers import CLIPTokenizer
 from mini_safediff.clip_vision import load_clip
 from mini_safediff.scorers import (clip_frechet_distance, clip_score, load_aesthetic, load_q16, normalised,
                                    score_images)
-from test_clip_vision import sample_images, save_reference
+from tiny_models import sample_images, save_reference
 from test_metrics import reference_frechet
 
 

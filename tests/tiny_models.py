@@ -3,7 +3,13 @@ transformers), saved in the diffusers layout: the oracle side of the parity test
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from transformers import CLIPConfig as RefCLIPConfig
+from transformers import CLIPImageProcessorPil
+from transformers import CLIPModel as RefCLIPModel
+from transformers import CLIPTokenizer as RefCLIPTokenizer
 
 from sd_configs import SD_SCHEDULER
 
@@ -72,3 +78,38 @@ def write_data(folder: Path, classes: list) -> Path:
             Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
             f.write(json.dumps({"file_name": f"{i}.png", "text": f"digit {i}", "class": label}) + "\n")
     return folder
+
+
+# A tiny random transformers CLIPModel (text + vision towers) for the CLIP scorers' parity tests.
+BOS, EOS = 49406, 49407
+TEXT = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+VISION = dict(hidden_size=24, intermediate_size=40, num_attention_heads=3, num_hidden_layers=2, image_size=30,
+              patch_size=6)
+PROCESSOR = dict(size={"shortest_edge": 34}, crop_size={"height": 30, "width": 30})  # crops both sides
+
+
+def save_reference(folder, eos_token_id=EOS, hidden_act="quick_gelu"):
+    """A random tiny transformers CLIPModel, its image processor and tokenizer, saved with save_pretrained."""
+    torch.manual_seed(0)
+    ref = RefCLIPModel(RefCLIPConfig(text_config={**TEXT, "eos_token_id": eos_token_id, "hidden_act": hidden_act},
+                                     vision_config={**VISION, "hidden_act": hidden_act}, projection_dim=16))
+    with torch.no_grad():  # move every weight off its initial value (layer norms start at 1 and 0)
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.eval().save_pretrained(folder)
+    processor = CLIPImageProcessorPil(**PROCESSOR)
+    processor.save_pretrained(folder)
+    RefCLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt")).save_pretrained(folder)
+    return ref, processor
+
+
+def sample_images(seed=0) -> list:
+    """Smooth colour fields with noise, in landscape, portrait, square and smaller-than-the-model sizes (odd
+    margins exercise the centre crop's rounding, the small one bicubic upsampling)."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for h, w in [(45, 55), (70, 33), (34, 34), (20, 25)]:
+        y, x = np.mgrid[0:h, 0:w] / max(h, w)
+        smooth = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in range(3)], -1) * 100 + 128
+        images.append(np.clip(smooth + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+    return images
