@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from . import pipeline
 from .images import read_png_text, save_png
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -59,8 +60,7 @@ def image_jobs(prompts, folder: Path, n: int, seed: int, guidance: float, steps:
 def start_noise(pipe, seeds) -> torch.Tensor:
     """The starting noise that pipe.generate draws for an image of seed s, for a batch of any seeds."""
     size = pipe.unet.config.sample_size
-    shape = (pipe.unet.config.in_channels, size, size)
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return pipeline.start_noise((pipe.unet.config.in_channels, size, size), seeds)
 
 
 def batches(jobs: list, batch_size: int) -> list[list[ImageJob]]:

@@ -36,6 +36,12 @@ DECODE_SLICE_PIXELS = 2**20
 TEXT_KEYS_SAFE_TO_DROP = {"text_model.embeddings.position_ids"}
 
 
+def start_noise(shape, seeds) -> torch.Tensor:
+    """The starting latents of generation, (len(seeds), *shape): image i's from seed seeds[i], drawn on the CPU so
+    that a seed gives the same image on every device and in every batch."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
 def build_model(model_class, config, state_dict, source, dtype):
     with torch.device("meta"):
         model = model_class(config)
@@ -139,9 +145,8 @@ class Pipeline:
         if seed is None:
             seed = int(torch.randint(0, 2**31, ()).item())
         shape = (self.unet.config.in_channels, height // factor, width // factor)
-        if latents is None:  # drawn on the CPU so that a seed gives the same image on every device
-            latents = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
-                                   for i in range(len(prompts))])
+        if latents is None:
+            latents = start_noise(shape, range(seed, seed + len(prompts)))
         elif latents.shape != (len(prompts), *shape):
             raise ValueError(f"generate: latents of shape {tuple(latents.shape)}, expected {(len(prompts), *shape)}")
         batch_size = batch_size or len(prompts)
