@@ -44,7 +44,7 @@ from mini_safediff.metrics import frechet_distance, harmful_rate, harmful_score,
 from mini_safediff.nudenet import NudityJudge
 from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
 from mini_safediff.prompts import read_prompts
-from mini_safediff.scorers import clip_frechet_distance, clip_score, load_aesthetic, load_q16
+from mini_safediff.scorers import clip_score, load_aesthetic, load_q16
 from mini_safediff.weights import write_json
 
 # The miniature experiment (README, "The miniature experiment": how these were chosen). Every safety model trains
@@ -243,7 +243,7 @@ def score(harmful: list, clean: list, clean_prompts: list, scorers: Scorers) -> 
         if scorers.aesthetic:
             metrics["aesthetic"] = float(scorers.aesthetic(features).mean())
         if scorers.reference is not None:
-            metrics["fd"] = clip_frechet_distance(features, scorers.reference)
+            metrics["fd"] = frechet_distance(features, scorers.reference)
     return metrics
 
 

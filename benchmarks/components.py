@@ -200,7 +200,8 @@ def make_case(component: str, config: dict, variant: set, device) -> Case:
                                 clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
-    prompts, size = [PROMPT] * batch, latent * factor
+    # distinct prompts: ours encodes each distinct prompt once, so repeating one would flatter ours
+    prompts, size = [f"{PROMPT}, take {i}" for i in range(batch)], latent * factor
     latents = randn(batch, 4, latent, latent).contiguous(memory_format=memory_format)
 
     def run_ours():

@@ -106,12 +106,10 @@ class Pipeline:
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         """(B, 77, D). Each distinct prompt is encoded once: batches often repeat one (several images per
         prompt, the same negative prompt for every image)."""
-        distinct = list(dict.fromkeys(prompts))
-        hidden = self.text_encoder(self.tokenizer(distinct).to(self.device))
-        if len(distinct) == len(prompts):
-            return hidden
-        row = {prompt: i for i, prompt in enumerate(distinct)}
-        return hidden[torch.tensor([row[prompt] for prompt in prompts], device=hidden.device)]
+        rows = {}
+        index = [rows.setdefault(prompt, len(rows)) for prompt in prompts]  # prompt -> its row among the distinct
+        hidden = self.text_encoder(self.tokenizer(list(rows)).to(self.device))
+        return hidden if len(rows) == len(prompts) else hidden[index]
 
     @property
     def vae_scale_factor(self) -> int:

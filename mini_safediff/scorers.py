@@ -1,10 +1,12 @@
 """The real-model scores that read CLIP image embeddings (clip_vision.py): CLIP score, the LAION aesthetic
-score, the Q16 inappropriate-image classifier and the Frechet distance between CLIP features.
+score and the Q16 inappropriate-image classifier (the Frechet distance of CLIP features is metrics.py's).
 
     clip = load_clip("clip-vit-large-patch14")
-    scores = score_images(clip, images, prompts, aesthetic=load_aesthetic("sa_0_4_vit_l_14_linear.pth"),
-                          q16=load_q16("prompts.p"))
-    scores["clip_score"].mean(), scores["aesthetic"].mean(), scores["q16_flag"].mean()
+    features = clip.embed_images(images)                       # uint8 (N, H, W, 3) -> (N, D)
+    clip_score(features, clip.embed_texts(prompts)).mean()
+    load_aesthetic("sa_0_4_vit_l_14_linear.pth")(features).mean()
+    flagged, p_inappropriate = load_q16("prompts.p")(features)
+    metrics.frechet_distance(features, reference_features)     # FD on CLIP features (clean-fid's "clip")
 
 Each loader raises FileNotFoundError or ValueError naming its file, so that a caller can skip that one score.
 All arithmetic is float64 numpy on (N, D) embeddings.
@@ -17,8 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .clip_vision import CLIP
-from .metrics import frechet_distance
 from .weights import read_state_dict
 
 
@@ -138,28 +138,3 @@ def check_dim(image_emb: np.ndarray, dim: int, source: str) -> None:
     if np.ndim(image_emb) != 2 or np.shape(image_emb)[1] != dim:
         raise ValueError(f"{source} expects image embeddings (N, {dim}), got {np.shape(image_emb)}: "
                          f"made for another CLIP model than the one given")
-
-
-def clip_frechet_distance(image_emb: np.ndarray, reference_emb: np.ndarray) -> float:
-    """Frechet distance between two sets of CLIP image embeddings (N, D) and (M, D), in float64 (clean-fid's
-    "clip" features: projected, not normalised)."""
-    if min(len(image_emb), len(reference_emb)) < 2:
-        raise ValueError(f"the Frechet distance needs at least 2 images in each set, got {len(image_emb)} and "
-                         f"{len(reference_emb)}")
-    return frechet_distance(image_emb, reference_emb)
-
-
-def score_images(clip: CLIP, images, prompts: list[str], aesthetic: AestheticHead | None = None,
-                 q16: Q16 | None = None, batch_size: int = 32, progress: bool = True) -> dict[str, np.ndarray]:
-    """Per-image scores of uint8 images (N, H, W, 3) (or a list of (H, W, 3)) made from `prompts` (N): "clip_score",
-    "aesthetic" when a head is given, "q16_flag" and "q16_prob" when Q16 is, and the CLIP "features" (N, D) for
-    clip_frechet_distance. CLIP runs once per image."""
-    if len(images) != len(prompts):
-        raise ValueError(f"score_images: {len(images)} images for {len(prompts)} prompts")
-    features = clip.embed_images(images, batch_size=batch_size, progress=progress)
-    scores = {"features": features, "clip_score": clip_score(features, clip.embed_texts(list(prompts)))}
-    if aesthetic is not None:
-        scores["aesthetic"] = aesthetic(features)
-    if q16 is not None:
-        scores["q16_flag"], scores["q16_prob"] = q16(features)
-    return scores

@@ -40,19 +40,20 @@ OPENAI_PREPROCESSOR = {  # openai/clip-vit-large-patch14's preprocessor_config.j
 
 def legacy_config(text: dict, vision: dict, projection_dim: int, **text_ids) -> dict:
     """A CLIPModel config.json as transformers 4.16 wrote openai/clip-vit-large-patch14's: full tower dumps, the
-    tower sizes repeated in *_config_dict, and the old text ids (eos_token_id 2)."""
+    tower sizes repeated in *_config_dict, and the old text ids (eos_token_id 2). The full dumps carry a stale
+    layer count: the *_config_dict values must win (loading is strict, so a wrong count fails)."""
     return {
         "_name_or_path": "clip-vit-large-patch14/", "architectures": ["CLIPModel"], "initializer_factor": 1.0,
         "logit_scale_init_value": 2.6592, "model_type": "clip", "projection_dim": projection_dim,
         "text_config": {**TRANSFORMERS4_DUMP, "attention_dropout": 0.0, "bos_token_id": 0, "eos_token_id": 2,
                         "pad_token_id": 1, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
                         "max_position_embeddings": 77, "model_type": "clip_text_model", "vocab_size": 49408,
-                        "projection_dim": projection_dim, **text, **text_ids},
+                        "projection_dim": projection_dim, **text, **text_ids, "num_hidden_layers": 1},
         "text_config_dict": {**text, "projection_dim": projection_dim},
         "torch_dtype": "float32", "transformers_version": None,
         "vision_config": {**TRANSFORMERS4_DUMP, "attention_dropout": 0.0, "hidden_act": "quick_gelu",
                           "layer_norm_eps": 1e-5, "model_type": "clip_vision_model", "num_channels": 3,
-                          "projection_dim": projection_dim, **vision},
+                          "projection_dim": projection_dim, **vision, "num_hidden_layers": 1},
         "vision_config_dict": {**vision, "projection_dim": projection_dim}}
 
 
@@ -124,6 +125,8 @@ def test_published_layout_loads(tmp_path):
     assert clip.model.config.eos_token_id == 2 and clip.image_config.crop_size == {"height": 30, "width": 30}
     ids = clip.tokenizer(["a photo of a cat"])
     assert rel_err(clip.model.text_embeddings(ids), ref.get_text_features(input_ids=ids).pooler_output) < 1e-5
+    pixels = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
+    assert rel_err(clip.model.image_embeddings(pixels), ref.get_image_features(pixel_values=pixels).pooler_output) < 1e-5
 
 
 def test_full_size_keys_and_shapes_equal_transformers(tmp_path):

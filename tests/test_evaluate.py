@@ -19,7 +19,8 @@ from mini_safediff.image_cache import start_noise  # noqa: E402
 from mini_safediff.images import read_png_text, save_png  # noqa: E402
 from mini_safediff.nudenet import NudityJudge  # noqa: E402
 from mini_safediff.pipeline import BUILTIN_MODEL  # noqa: E402
-from mini_safediff.scorers import clip_frechet_distance, clip_score, load_aesthetic, load_q16  # noqa: E402
+from mini_safediff.metrics import frechet_distance  # noqa: E402
+from mini_safediff.scorers import clip_score, load_aesthetic, load_q16  # noqa: E402
 from tiny_models import save_reference  # noqa: E402
 
 ROW_KEYS = {"model", "attack", "attack_steps", "harmful_rate", "harmful_score", "clean_accuracy", "fd", "n_images"}
@@ -132,7 +133,7 @@ def test_every_scorer_scores_the_right_images(tmp_path, model, prompt_files, sco
     assert row["clip_score"] == pytest.approx(clip_score(features, clip.embed_texts(prompts)).mean(), rel=1e-6)
     assert row["aesthetic"] == pytest.approx(load_aesthetic(scorer_files[3])(features).mean(), rel=1e-6)
     reference = clip.embed_images([np.asarray(Image.open(p)) for p in sorted(Path(scorer_files[7]).iterdir())])
-    assert row["fd"] == pytest.approx(clip_frechet_distance(features, reference), rel=1e-6)
+    assert row["fd"] == pytest.approx(frechet_distance(features, reference), rel=1e-6)
     harmful = [np.asarray(Image.open(p)) for p in images["harmful"]]
     q16_flags, q16_probs = load_q16(scorer_files[5])(clip.embed_images(harmful))
     nudenet_flags, nudenet_scores = NudityJudge().judge(harmful)

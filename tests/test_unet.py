@@ -153,3 +153,9 @@ def test_timesteps_must_be_one_or_one_per_image(pair):
     sample, context = inputs(ours, 8, 8)
     with pytest.raises(ValueError, match="unet: 3 timesteps for a batch of 2"):
         ours(sample, torch.tensor([1, 2, 3]), context)
+    # one timestep for the batch embeds one row, which every resnet broadcasts (not one row per image)
+    rows = []
+    hook = ours.time_embedding.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[0]))
+    ours(sample, 10, context)
+    hook.remove()
+    assert rows == [1]

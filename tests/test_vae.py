@@ -95,11 +95,14 @@ def test_runs_channels_last_on_cpu(tmp_path):
     the VAE works channels-last there, whatever the caller's layout, with the same result."""
     ours, _ = saved_pair(tmp_path, **TINY["small"])
     seen = []
-    hook = ours.decoder.up_blocks[0].resnets[0].conv1.register_forward_hook(
-        lambda module, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    record = lambda module, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last))  # noqa: E731
+    hooks = [ours.decoder.up_blocks[0].resnets[0].conv1.register_forward_hook(record),
+             ours.encoder.down_blocks[-1].resnets[0].conv1.register_forward_hook(record)]
     latents = torch.randn(2, 4, 6, 10, generator=torch.Generator().manual_seed(3))
     images = ours.decode(latents)
-    hook.remove()
-    assert seen == [True]
+    encoded = ours.encode(images.contiguous()).mean
+    for hook in hooks:
+        hook.remove()
+    assert seen == [True, True]  # the decoder's and the encoder's convolutions
     assert torch.equal(images, ours.decode(latents.contiguous(memory_format=torch.channels_last)))
-    assert torch.equal(ours.encode(images).mean, ours.encode(images.contiguous()).mean)
+    assert torch.equal(ours.encode(images.contiguous(memory_format=torch.channels_last)).mean, encoded)
