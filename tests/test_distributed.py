@@ -71,6 +71,7 @@ def two_processes(model, tmp_path_factory) -> Path:
                              "--no-python", sys.executable, "-c", WORKER, json.dumps(runs)],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 processes" in result.stdout  # really one DDP run over 2 ranks, not 2 separate runs
     return out
 
 
@@ -141,5 +142,7 @@ def test_train_with_two_processes_matches_one_and_resumes(model, two_processes, 
 def test_attack_with_two_processes_matches_one(model, two_processes, tmp_path):
     attack.attack(attack.parse_args(attack_args(model, two_processes / "harmful", "--out", tmp_path)))
     start = msd.load_pipeline(model, device="cpu").unet.state_dict()
-    assert_same_training(tmp_path / "ours", two_processes / "attack" / "ours", start, ["loss", "grad_norm"])
+    _, two = assert_same_training(tmp_path / "ours", two_processes / "attack" / "ours", start, ["loss", "grad_norm"])
+    assert {state[k].dtype for state in two["optimizer"]["state"].values() for k in ("exp_avg", "exp_avg_sq")} == \
+        {torch.bfloat16}  # --adam-bf16 reached attack.py's optimizer
     assert (two_processes / "attack" / "ours" / "step-3" / "model.safetensors").is_file()
