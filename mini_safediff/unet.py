@@ -110,16 +110,33 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d that, on the CPU, runs a small feature map with many channels as one matrix product over
+    unfolded patches. oneDNN, which PyTorch's CPU convolution calls, copies the weight into its own blocked
+    layout on every call; for SD's 1280-channel layers at 8x8 or 16x16 (a 59 MB weight over 64 or 256 pixels)
+    that copy costs more than the arithmetic, so im2col + GEMM, reading the weight where it lies, is 1.2x to
+    2x faster forward and backward (measured on 2 cores). With few channels per pixel oneDNN wins."""
+    def forward(self, x):
+        B, _, H, W = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        H_out, W_out = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
+        if x.device.type != "cpu" or 4 * B * H_out * W_out > self.in_channels:
+            return super().forward(x)
+        patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C*kh*kw, pixels)
+        out = self.weight.flatten(1) @ patches + self.bias[:, None]  # (B, out_channels, pixels)
+        return out.unflatten(-1, (H_out, W_out))
+
+
 class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, config: UNetConfig):
         super().__init__()
         groups, eps = config.norm_num_groups, config.norm_eps
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(emb_dim, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, emb):
         """emb: the timestep embedding after SiLU, (B, emb_dim); it shifts every channel of every pixel."""
@@ -213,7 +230,7 @@ class Transformer2DModel(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -222,7 +239,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv = Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size):
         # Nearest-neighbour to the skip's size: 2x, or 2x - 1 where the down path halved an odd side.

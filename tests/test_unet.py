@@ -3,6 +3,7 @@ import inspect
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from safetensors.torch import load_file
 
@@ -57,15 +58,44 @@ def inputs(model, height, width, batch=2, seed=1):
             torch.randn(batch, 7, CONTEXT_DIM))
 
 
-@pytest.mark.parametrize("height, width", [(16, 24), (9, 13)])  # 9x13: odd sides at every resolution
+# 9x13: odd sides at every resolution; 4x6: the 32-channel convs at 1x2 pixels run as unfold + GEMM
+@pytest.mark.parametrize("height, width", [(16, 24), (9, 13), (4, 6)])
 @torch.no_grad()
-def test_matches_diffusers(pair, height, width):
+def test_matches_diffusers(pair, height, width, monkeypatch):
     ours, ref = pair
     sample, context = inputs(ours, height, width)
+    unfold, gemm_calls = F.unfold, []
     for timestep in (10, 999.5, torch.tensor(10), torch.tensor([10]), torch.tensor([10, 500])):
-        out = ours(sample, timestep, context)
+        with monkeypatch.context() as patch:
+            patch.setattr(F, "unfold", lambda *args, **kwargs: gemm_calls.append(1) or unfold(*args, **kwargs))
+            out = ours(sample, timestep, context)
         assert out.shape == (2, ours.config.out_channels, height, width)
         assert rel_err(out, ref(sample, timestep, context).sample) < 1e-4, timestep
+    assert gemm_calls or height != 4
+
+
+@pytest.mark.parametrize("kernel, stride, padding, batch, size", [
+    (3, 1, 1, 2, (1, 2)), (3, 2, 1, 1, (3, 5)), (1, 1, 0, 1, (2, 2)), (3, 1, 1, 1, (8, 8))])
+def test_conv2d_on_few_pixels_runs_as_gemm_with_the_same_result(kernel, stride, padding, batch, size, monkeypatch):
+    torch.manual_seed(0)
+    conv = unet_module.Conv2d(64, 48, kernel, stride=stride, padding=padding)
+    ref = torch.nn.Conv2d(64, 48, kernel, stride=stride, padding=padding)
+    ref.load_state_dict(conv.state_dict())
+    x = torch.randn(batch, 64, *size, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    unfold, calls = F.unfold, []
+    monkeypatch.setattr(F, "unfold", lambda *args, **kwargs: calls.append(1) or unfold(*args, **kwargs))
+    out = conv(x)
+    monkeypatch.undo()
+    out_ref = ref(x_ref)
+    grad = torch.randn_like(out_ref)
+    out.backward(grad)
+    out_ref.backward(grad)
+    assert bool(calls) == (4 * batch * out.shape[-2] * out.shape[-1] <= 64)  # (8, 8): oneDNN's convolution
+    assert out.shape == out_ref.shape
+    for ours, theirs in [(out, out_ref), (x.grad, x_ref.grad), (conv.weight.grad, ref.weight.grad),
+                         (conv.bias.grad, ref.bias.grad)]:
+        assert rel_err(ours, theirs) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
