@@ -15,7 +15,6 @@ import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +27,7 @@ from mini_safediff.lora import add_lora, lora_state_dict, merged_state_dict
 from mini_safediff.losses import diffusion_loss
 from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
 from mini_safediff.training import (AdamWBF16, draw_noise_and_timesteps, encode_batch, save_checkpoint,
-                                    start_or_resume, write_log)
+                                    start_or_resume, step_means, write_log)
 from mini_safediff.weights import save_state_dict, write_json
 
 
@@ -126,6 +125,7 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
                 save_snapshot(pipe, out / f"step-{step}", args.lora_rank)
             if step == args.steps:
                 break
+            micro_stats = []
             for micro in range(args.grad_accum):
                 batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed,
                                    rank=rank, world_size=world_size)
@@ -133,18 +133,17 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
                 noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator, rank,
                                                     world_size)
                 x_t = pipe.schedule.add_noise(x0, noise, t)
-                # DDP: gradients are averaged over the ranks on the last micro-batch's backward only
-                with net.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        pred = net(x_t, t, context)
-                    loss = diffusion_loss(pred, x0, noise, t, pipe.schedule)
-                    stats = {"loss": loss.item()}
-                    if ddp:  # the whole batch's mean for the log; a NaN on any rank stops every rank
-                        stats = distributed.mean_over_ranks(stats, device)
-                    if not math.isfinite(stats["loss"]):
-                        sys.exit(f"{out.name} step {step}: the loss is {stats['loss']}. Stopped; the last good "
-                                 f"checkpoint is {checkpoint_path}. Try a smaller --lr.")
-                    (loss / args.grad_accum).backward()
+                if ddp:  # gradients are averaged over the ranks on the last micro-batch's backward only
+                    net.require_backward_grad_sync = micro == args.grad_accum - 1
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    pred = net(x_t, t, context)
+                loss = diffusion_loss(pred, x0, noise, t, pipe.schedule)
+                (loss / args.grad_accum).backward()
+                micro_stats.append({"loss": loss.item()})
+            stats = step_means(micro_stats, ddp, device)
+            if not math.isfinite(stats["loss"]):  # the same on every rank: all stop before the step
+                sys.exit(f"{out.name} step {step}: the loss is {stats['loss']}. Stopped; the last good "
+                         f"checkpoint is {checkpoint_path}. Try a smaller --lr.")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -19,7 +19,6 @@ import json
 import math
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from mini_safediff.data import SafetyDataset, load_batch
 from mini_safediff.losses import ContrastiveCentres, SafetyLossConfig, ng_noise, safety_loss
 from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
 from mini_safediff.training import (EMA, AdamWBF16, draw_noise_and_timesteps, encode_batch, lr_at,
-                                    save_checkpoint, start_or_resume, write_log)
+                                    save_checkpoint, start_or_resume, step_means, write_log)
 
 
 def parse_args(argv=None):
@@ -122,6 +121,7 @@ def train(args) -> Path:
             lr = lr_at(step, args.lr, args.steps, args.lr_schedule, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            micro_stats = []
             for micro in range(args.grad_accum):
                 batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed, args.balanced,
                                    rank, world_size)
@@ -130,17 +130,17 @@ def train(args) -> Path:
                                                     world_size)
                 harmful = batch["harmful"].to(device)
                 x_t = pipe.schedule.add_noise(x0, ng_noise(noise, harmful) if args.method == "ng" else noise, t)
-                # DDP: gradients are averaged over the ranks on the last micro-batch's backward only
-                with net.no_sync() if ddp and micro < args.grad_accum - 1 else nullcontext():
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        pred = net(x_t, t, context)
-                    loss, stats = safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
-                    if ddp:  # the whole batch's means for the log; a NaN on any rank stops every rank
-                        stats = distributed.mean_over_ranks(stats, device)
-                    if not math.isfinite(stats["loss"]):
-                        sys.exit(f"step {step}: the loss is {stats['loss']} ({stats}). Stopped; the last good "
-                                 f"checkpoint is {checkpoint_path}. Try a smaller --lr or --lambda.")
-                    (loss / args.grad_accum).backward()
+                if ddp:  # gradients are averaged over the ranks on the last micro-batch's backward only
+                    net.require_backward_grad_sync = micro == args.grad_accum - 1
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    pred = net(x_t, t, context)
+                loss, stats = safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
+                (loss / args.grad_accum).backward()
+                micro_stats.append(stats)
+            stats = step_means(micro_stats, ddp, device)
+            if not math.isfinite(stats["loss"]):  # the same on every rank: all stop before the step
+                sys.exit(f"step {step}: the loss is {stats['loss']} ({stats}). Stopped; the last good "
+                         f"checkpoint is {checkpoint_path}. Try a smaller --lr or --lambda.")
             grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import shard
+from .distributed import mean_over_ranks, shard
 from .weights import atomic_write
 
 
@@ -42,6 +42,13 @@ def draw_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, ge
     return shard(noise, rank, world_size).to(latents.device), shard(timesteps, rank, world_size).to(latents.device)
 
 
+def step_means(micro_stats: list, ddp: bool, device) -> dict:
+    """A step's numbers for the log: each averaged over the step's micro-batches and, under DDP, over the
+    processes (one all-reduce a step)."""
+    means = {key: sum(stats[key] for stats in micro_stats) / len(micro_stats) for key in micro_stats[0]}
+    return mean_over_ranks(means, device) if ddp else means
+
+
 class EMA:
     """Exponential moving average of the trained weights (float32 copies)."""
 
@@ -71,6 +78,9 @@ class AdamWBF16(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+        for p in (p for group in self.param_groups for p in group["params"]):
+            if p.dtype != torch.float32:
+                raise ValueError(f"AdamWBF16 keeps float32 weights; got a {p.dtype} parameter {tuple(p.shape)}")
 
     @torch.no_grad()
     def step(self):
@@ -80,8 +90,6 @@ class AdamWBF16(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.dtype != torch.float32:
-                    raise ValueError(f"AdamWBF16 keeps float32 weights; got a {p.dtype} parameter {tuple(p.shape)}")
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0)

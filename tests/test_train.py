@@ -90,6 +90,24 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, tmp_path):
     assert all(torch.equal(good["unet"][k], kept["unet"][k]) for k in good["unet"])
 
 
+def test_the_log_averages_a_step_over_its_micro_batches(model, tmp_path, monkeypatch):
+    seen = []
+
+    def recording_loss(*args, **kwargs):
+        loss, stats = safety_loss(*args, **kwargs)
+        seen.append(stats)
+        return loss, stats
+    monkeypatch.setattr(train, "safety_loss", recording_loss)
+    run(model, write_data(tmp_path / "data", [1, 2, 1]), tmp_path / "out", "--steps", "2", "--grad-accum", "3",
+        "--batch-size", "1")
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert len(seen) == 6 and len(log) == 2
+    for row, micro in zip(log, (seen[:3], seen[3:])):
+        assert len({stats["mse"] for stats in micro}) == 3  # three different micro-batches
+        for key in micro[0]:
+            assert row[key] == pytest.approx(sum(stats[key] for stats in micro) / 3, rel=1e-12), key
+
+
 def optimize(optimizer_class, weights, gradients, **options):
     """The weights after one optimizer step per gradient."""
     weights = weights.clone().requires_grad_(True)
