@@ -4,9 +4,10 @@
     python benchmarks/components.py --config both --repeats 5          # tiny and SD 1.5 size
     python benchmarks/components.py --device cuda --config sd15        # + bf16, channels_last, torch.compile
 
-Rows: UNet forward, UNet training step (forward, MSE, backward, AdamW step; also with gradient
-checkpointing), VAE encode and decode, text encoder, and a 25-step DDIM generation with classifier-free
-guidance (tokenizer, text encoder, UNet, VAE decode, as the pipelines run them).
+Rows: UNet forward, UNet training step (forward, MSE, backward; the optimizer step, the same code on both
+sides, is left out; also with gradient checkpointing), VAE encode and decode, text encoder, and a 25-step
+DDIM generation with classifier-free guidance (tokenizer, text encoder, UNet, VAE decode, as the pipelines
+run them).
 
 Same work on both sides: the reference (diffusers / transformers, random weights) is built first and ours
 is built on its parameter tensors themselves, so the weights are identical and stored once; "rel. diff" is
@@ -15,10 +16,9 @@ goes first swaps each repeat) so that machine noise hits both alike. Times are m
 repeats; ratio = ours / reference of the medians (below 1: ours is faster).
 
 Peak memory is the most tensor memory a call allocates above what was allocated when it started (for the
-training step: gradients, activations, optimizer temporaries; the AdamW state, shared by the sides, exists
-before). On CUDA it is read from the caching allocator's peak counter, on the CPU from the PyTorch
-profiler's record of every allocation and free (profile_memory), in one extra call per side so that the
-profiler's overhead stays out of the timings. Neither counts allocator caches or the Python heap.
+training step: gradients and the activations kept for backward). On CUDA it is read from the caching
+allocator's peak counter, on the CPU from the PyTorch profiler's record of every allocation and free
+(profile_memory), in one extra call per side so that the profiler's overhead stays out of the timings. Neither counts allocator caches or the Python heap.
 
 On CUDA the variants are float32, bf16 (inference in bf16 weights; training with bf16 autocast over
 float32 weights, as train.py does), bf16 + channels_last and bf16 + torch.compile; the training rows also
@@ -42,12 +42,13 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from sd_configs import SD15_TEXT, SD15_UNET, SD_VAE  # noqa: E402
+from tiny_models import reference_ddim, reference_tokenizer  # noqa: E402
 
 import mini_safediff as msd  # noqa: E402
 from mini_safediff.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from mini_safediff.config import config_from_dict  # noqa: E402
 from mini_safediff.schedule import NoiseSchedule, SchedulerConfig  # noqa: E402
-from mini_safediff.tokenizer import DEFAULT_FILES, CLIPTokenizer  # noqa: E402
+from mini_safediff.tokenizer import CLIPTokenizer  # noqa: E402
 from mini_safediff.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from mini_safediff.vae import AutoencoderKL, VAEConfig  # noqa: E402
 from mini_safediff.weights import atomic_write  # noqa: E402
@@ -152,9 +153,6 @@ def make_case(component: str, config: dict, variant: set, device) -> Case:
         if component == "unet-train-checkpointing":
             ours.gradient_checkpointing = True
             ref.enable_gradient_checkpointing()
-        # lr 0: the step does all its arithmetic yet leaves the weights as they are, so that both sides,
-        # which share the weights and this optimizer, train the very same model every repeat.
-        optimizer = torch.optim.AdamW(ref.parameters(), lr=0.0)
         noise = randn(batch, ours.config.out_channels, latent, latent)
         ours, ref = compiled(ours, "unet", variant), compiled(ref, "unet", variant)
 
@@ -162,8 +160,7 @@ def make_case(component: str, config: dict, variant: set, device) -> Case:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = F.mse_loss(unwrap(model(sample, t, context)).float(), noise)
             loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            ref.zero_grad(set_to_none=True)  # the sides share the parameters, so this clears both
             return loss.detach()
         return Case(component, lambda: step(ours, lambda out: out), lambda: step(ref, lambda out: out.sample),
                     grad=True)
@@ -184,8 +181,7 @@ def make_case(component: str, config: dict, variant: set, device) -> Case:
         ids = tokenizer([PROMPT] * batch).to(device)
         return Case(component, lambda: ours(ids), lambda: ref(ids).last_hidden_state)
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    from transformers import CLIPTokenizer as RefTokenizer
+    from diffusers import StableDiffusionPipeline
 
     parts = {part: models(part, config, variant, device, dtype) for part in ("unet", "vae", "text")}
     ours = msd.Pipeline(unet=compiled(parts["unet"][0], "unet", variant), vae=compiled(parts["vae"][0], "vae", variant),
@@ -194,10 +190,7 @@ def make_case(component: str, config: dict, variant: set, device) -> Case:
     ref = StableDiffusionPipeline(
         unet=compiled(parts["unet"][1], "unet", variant), vae=compiled(parts["vae"][1], "vae", variant),
         text_encoder=compiled(parts["text"][1], "text", variant),
-        tokenizer=RefTokenizer(str(DEFAULT_FILES / "vocab.json"), str(DEFAULT_FILES / "merges.txt"),
-                               model_max_length=77),
-        scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                                clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        tokenizer=reference_tokenizer(), scheduler=reference_ddim(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     # distinct prompts: ours encodes each distinct prompt once, so repeating one would flatter ours

@@ -26,11 +26,24 @@ TINY_UNET = {
 }
 
 
+def reference_tokenizer(pad_token: str = "<|endoftext|>"):
+    """transformers' CLIPTokenizer on the shipped vocabulary; SD 1 pads with <|endoftext|>, SD 2 with "!"."""
+    return RefCLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt"),
+                            pad_token=pad_token, model_max_length=77)
+
+
+def reference_ddim(prediction_type: str = "epsilon"):
+    """diffusers' DDIMScheduler as SD's scheduler_config.json sets it up."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
 def diffusers_pipeline(kind: str = "sd1", prediction_type: str = "epsilon", seed: int = 0):
     """A random tiny diffusers StableDiffusionPipeline of SD1 (quick_gelu, pad <|endoftext|>) or SD2
     (gelu, linear projections, per-block heads, upcast attention, pad "!") style."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET[kind])
@@ -44,13 +57,10 @@ def diffusers_pipeline(kind: str = "sd1", prediction_type: str = "epsilon", seed
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         model.eval()
-    tokenizer = CLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt"),
-                              pad_token="<|endoftext|>" if kind == "sd1" else "!", model_max_length=77)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
+                                   tokenizer=reference_tokenizer("<|endoftext|>" if kind == "sd1" else "!"),
+                                   scheduler=reference_ddim(prediction_type), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 
 def saved_diffusers_pipeline(folder: Path, kind: str = "sd1", prediction_type: str = "epsilon"):
@@ -99,7 +109,7 @@ def save_reference(folder, eos_token_id=EOS, hidden_act="quick_gelu"):
     ref.eval().save_pretrained(folder)
     processor = CLIPImageProcessorPil(**PROCESSOR)
     processor.save_pretrained(folder)
-    RefCLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt")).save_pretrained(folder)
+    reference_tokenizer().save_pretrained(folder)
     return ref, processor
 
 
