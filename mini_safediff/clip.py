@@ -31,11 +31,12 @@ class CLIPTextConfig:
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     projection_dim: int = 512  # size of CLIP's contrastive head, which the text model lacks; kept for saving
+    eos_token_id: int = 49407  # where CLIPModel (clip_vision.py) pools the text; the text model itself ignores it
 
     FIXED = {"dropout": 0.0, "attention_dropout": 0.0}
-    # Metadata, initialisation, and token ids used only by the tokenizer or CLIP's pooled output.
+    # Metadata, initialisation, and token ids used only by the tokenizer.
     IGNORED = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "initializer_range",
-               "initializer_factor", "bos_token_id", "eos_token_id", "pad_token_id"}
+               "initializer_factor", "bos_token_id", "pad_token_id"}
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -110,6 +111,10 @@ class TextTransformer(nn.Module):
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (B, N) with N <= max_position_embeddings -> last hidden state (B, N, hidden_size)."""
+        positions = self.embeddings.position_embedding.num_embeddings
+        if input_ids.shape[1] > positions:
+            raise ValueError(f"CLIP text model: {input_ids.shape[1]} tokens, at most {positions} fit")
         x = self.embeddings(input_ids)
         for layer in self.encoder.layers:
             x = layer(x)
@@ -123,8 +128,4 @@ class CLIPTextModel(nn.Module):
         self.text_model = TextTransformer(config)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, N) with N <= max_position_embeddings -> last hidden state (B, N, hidden_size)."""
-        if input_ids.shape[1] > self.config.max_position_embeddings:
-            raise ValueError(f"CLIP text model: {input_ids.shape[1]} tokens, at most "
-                             f"{self.config.max_position_embeddings} fit")
         return self.text_model(input_ids)

@@ -21,10 +21,8 @@ from tqdm.auto import tqdm
 from .clip import ACTIVATIONS, CLIPTextConfig, EncoderLayer, TextTransformer
 from .config import ConfigError, config_from_dict, read_config
 from .tokenizer import CLIPTokenizer
-from .weights import WeightsError, load_strict, read_state_dict
+from .weights import WeightsError, build_model, find_weights, read_state_dict
 
-WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 # Buffers (aranges) that older files carry, openai/clip-vit-large-patch14 among them.
 KEYS_SAFE_TO_DROP = {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}
 # Options transformers 4 wrote into every sub-config (generation, fine-tuning, output flags): none changes an
@@ -39,7 +37,7 @@ TRANSFORMERS4_KEYS = {
     "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids", "num_return_sequences",
     "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
-    "bos_token_id", "pad_token_id", "eos_token_id"}
+    "bos_token_id", "pad_token_id"}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PIL_BICUBIC = int(Image.Resampling.BICUBIC)  # 3, the `resample` code of preprocessor_config.json
@@ -57,11 +55,12 @@ class CLIPVisionConfig:
     patch_size: int = 32
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    projection_dim: int = 512  # CLIPModel reads its own top-level projection_dim; kept for completeness
 
     FIXED = {"dropout": 0.0, "attention_dropout": 0.0}
+    # Metadata, initialisation, the token id of the text tower's end (transformers 4 wrote it into both towers),
+    # and the tower's projection_dim: CLIPModel reads its own top-level one.
     IGNORED = {"architectures", "model_type", "torch_dtype", "dtype", "transformers_version", "initializer_range",
-               "initializer_factor"}
+               "initializer_factor", "eos_token_id", "projection_dim"}
 
     def __post_init__(self):
         if self.hidden_act not in ACTIVATIONS:
@@ -91,10 +90,6 @@ class CLIPConfig:
     projection_dim: int = 512
     text_config_dict: dict | None = None
     vision_config_dict: dict | None = None
-    # Where the pooled text output sits: the first eos_token_id, or the highest id when the (wrong) legacy value 2
-    # is set, as in configs written before mid-2023 (openai/clip-vit-large-patch14's). Read from text_config, whose
-    # CLIPTextConfig drops it.
-    eos_token_id: int = field(init=False, default=49407)
 
     FIXED = {"model_type": "clip"}
     # logit_scale_init_value only initialises logit_scale, which the weights hold.
@@ -103,7 +98,6 @@ class CLIPConfig:
 
     def __post_init__(self):
         if isinstance(self.text_config, dict):
-            self.eos_token_id = {**self.text_config, **(self.text_config_dict or {})}.get("eos_token_id", 49407)
             self.text_config = tower_config(CLIPTextConfig, self.text_config, self.text_config_dict, "text_config")
         if isinstance(self.vision_config, dict):
             self.vision_config = tower_config(CLIPVisionConfig, self.vision_config, self.vision_config_dict,
@@ -162,14 +156,14 @@ class CLIPModel(nn.Module):
 
     def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, N <= 77) -> projected text embeddings (B, projection_dim), pooled at the end token."""
-        if input_ids.shape[1] > self.config.text_config.max_position_embeddings:
-            raise ValueError(f"CLIP text model: {input_ids.shape[1]} tokens, at most "
-                             f"{self.config.text_config.max_position_embeddings} fit")
         hidden = self.text_model(input_ids)  # (B, N, D)
-        if self.config.eos_token_id == 2:
-            end = input_ids.argmax(-1)  # <|endoftext|> has the highest id of OpenAI's vocabulary
+        # The first eos_token_id; or, with the (wrong) legacy value 2 of configs written before mid-2023 (such as
+        # openai/clip-vit-large-patch14's), the highest id: <|endoftext|> is the last of OpenAI's vocabulary.
+        eos_token_id = self.config.text_config.eos_token_id
+        if eos_token_id == 2:
+            end = input_ids.argmax(-1)
         else:  # the first end token: padding may repeat it
-            end = (input_ids == self.config.eos_token_id).int().argmax(-1)
+            end = (input_ids == eos_token_id).int().argmax(-1)
         return self.text_projection(hidden[torch.arange(len(hidden), device=hidden.device), end])
 
 
@@ -257,15 +251,10 @@ def load_clip(path, device=None, dtype=None) -> CLIP:
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no CLIP model folder here (expected a transformers CLIPModel folder, "
                                 "e.g. openai/clip-vit-large-patch14)")
-    weights = next((path / name for name in WEIGHT_NAMES if (path / name).is_file()), None)
-    if weights is None:
-        raise FileNotFoundError(f"{path}: no CLIP weight file (looked for {', '.join(WEIGHT_NAMES)})")
     try:
-        config = read_config(path / "config.json", CLIPConfig)
+        weights, config = find_weights(path), read_config(path / "config.json", CLIPConfig)
         state_dict = {key: value for key, value in read_state_dict(weights).items() if key not in KEYS_SAFE_TO_DROP}
-        with torch.device("meta"):
-            model = CLIPModel(config)
-        load_strict(model, state_dict, str(weights))
+        model = build_model(CLIPModel, config, state_dict, str(weights), dtype or torch.float32)
     except (ConfigError, WeightsError) as e:  # e.g. an SD text_encoder/ folder, or a CLIPVisionModel
         raise type(e)(f"{e}\n  (load_clip reads a whole transformers CLIPModel folder, such as "
                       "openai/clip-vit-large-patch14)") from None
@@ -276,7 +265,6 @@ def load_clip(path, device=None, dtype=None) -> CLIP:
     if (crop["height"], crop["width"]) != (size, size):
         raise ConfigError(f"{path / 'preprocessor_config.json'}: crop_size {crop} does not match the model's "
                           f"image_size {size}")
-    model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype or torch.float32)
-    return CLIP(model=model.eval().requires_grad_(False),
+    return CLIP(model=model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")),
                 tokenizer=CLIPTokenizer.from_folder(path) if has_tokenizer else CLIPTokenizer.default(),
                 image_config=image_config)

@@ -20,13 +20,9 @@ from .schedule import NoiseSchedule, SchedulerConfig
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
-from .weights import WeightsError, load_strict, read_metadata, read_state_dict, save_state_dict, write_json
+from .weights import (WeightsError, build_model, find_weights, read_metadata, read_state_dict, save_state_dict,
+                      write_json)
 
-# Weight file names inside a diffusers component folder, in the order they are tried.
-WEIGHT_NAMES = [f"{stem}{variant}.{ext}"
-                for ext in ("safetensors.index.json", "safetensors", "bin.index.json", "bin")
-                for variant in ("", ".fp16")
-                for stem in ("diffusion_pytorch_model", "model")]
 # The built-in tiny model (diffusers layout) that every script uses when no --model is given.
 BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "weights"
 SAMPLERS = {"ddim": samplers.ddim, "dpmpp-2m": samplers.dpmpp_2m}
@@ -42,25 +38,11 @@ def start_noise(shape, seeds) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
-def build_model(model_class, config, state_dict, source, dtype):
-    with torch.device("meta"):
-        model = model_class(config)
-    load_strict(model, state_dict, source)
-    return model.to(dtype).eval().requires_grad_(False)
-
-
 def text_state_dict(state_dict: dict) -> dict:
     """transformers 5 saves CLIP text keys without the `text_model.` prefix, published SD files with it."""
     state_dict = {key if key.startswith("text_model.") else f"text_model.{key}": value
                   for key, value in state_dict.items()}
     return {key: value for key, value in state_dict.items() if key not in TEXT_KEYS_SAFE_TO_DROP}
-
-
-def find_weights(folder: Path) -> Path:
-    for name in WEIGHT_NAMES:
-        if (folder / name).is_file():
-            return folder / name
-    raise WeightsError(f"{folder}: no weight file (looked for {', '.join(WEIGHT_NAMES[:2])}, ...)")
 
 
 def is_ldm_unet(state_dict: dict) -> bool:
@@ -151,21 +133,19 @@ class Pipeline:
         results = []
         for start in range(0, len(prompts), batch_size):
             end = start + batch_size
-            # Both branches' texts in one encoder call, in the order the guided UNet call takes them.
-            context = self.encode_prompts(list(negatives[start:end] if guidance > 1 else []) + prompts[start:end])
             generator = torch.Generator().manual_seed(seed + start)  # DDIM eta > 0 noise
-            final = SAMPLERS[sampler](self._guided_model(context, guidance),
+            final = SAMPLERS[sampler](self._guided_model(prompts[start:end], negatives[start:end], guidance),
                                       latents[start:end].to(self.device, self.dtype), self.schedule, steps,
                                       generator=generator, progress=progress,
                                       **({"eta": eta} if sampler == "ddim" else {}))
             results.append(final if return_latents else self.decode_to_uint8(final))
         return torch.cat(results) if return_latents else np.concatenate(results)
 
-    def _guided_model(self, context, guidance):
-        """The model function the samplers call: the UNet with classifier-free guidance, both branches
-        in one batched call (as in diffusers, guidance applies only when > 1). context: the negative
-        prompts' encodings, then the prompts' (the prompts' alone without guidance)."""
+    def _guided_model(self, prompts: list, negatives: list, guidance: float):
+        """The model function the samplers call: the UNet with classifier-free guidance (as in diffusers, only
+        when guidance > 1), both branches in one batched call, their texts encoded in one encoder call."""
         guided = guidance > 1
+        context = self.encode_prompts((list(negatives) if guided else []) + list(prompts))  # unconditional first
 
         def model_fn(x, t):
             out = self.unet(torch.cat([x, x]) if guided else x, t, context)

@@ -17,6 +17,13 @@ from safetensors.torch import save_file
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
 
+# Weight file names inside a diffusers component folder or a transformers model folder, in the order they are tried.
+WEIGHT_NAMES = [f"{stem}{variant}.{ext}"
+                for ext in ("safetensors.index.json", "safetensors", "bin.index.json", "bin")
+                for variant in ("", ".fp16")
+                for stem in ("diffusion_pytorch_model", "model", "pytorch_model")]
+
+
 class WeightsError(ValueError):
     pass
 
@@ -97,6 +104,22 @@ def load_strict(module: torch.nn.Module, state_dict: dict, source: str) -> torch
     # Modules are built on the meta device: assign=True adopts the file's tensors with no copy.
     module.load_state_dict(state_dict, strict=True, assign=True)
     return module
+
+
+def find_weights(folder: Path) -> Path:
+    for name in WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsError(f"{folder}: no weight file (looked for {', '.join(WEIGHT_NAMES[:3])}, ...)")
+
+
+def build_model(model_class, config, state_dict: dict, source: str, dtype=None) -> torch.nn.Module:
+    """model_class(config) with the state dict's own tensors (built on the meta device: no random init, no copy),
+    strictly loaded, in eval mode and frozen."""
+    with torch.device("meta"):
+        model = model_class(config)
+    load_strict(model, state_dict, source)
+    return model.to(dtype).eval().requires_grad_(False)
 
 
 def atomic_write(path, write) -> None:

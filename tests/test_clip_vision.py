@@ -66,7 +66,7 @@ def rel_err(ours, ref):
 def test_embeddings_equal_transformers(tmp_path, eos_token_id, hidden_act):
     ref, processor = save_reference(tmp_path, eos_token_id, hidden_act)
     clip = load_clip(tmp_path, device="cpu")
-    assert clip.model.config.eos_token_id == eos_token_id
+    assert clip.model.config.text_config.eos_token_id == eos_token_id
     pixels = torch.randn(3, 3, 30, 30, generator=torch.Generator().manual_seed(1))
     ids = clip.tokenizer(["a photo of a cat", "an astronaut riding a horse on the moon", "x"])
     # The end token's position decides the pooled output: a row with id 2 before the end token (where the legacy
@@ -122,7 +122,7 @@ def test_published_layout_loads(tmp_path):
     for name in ("vocab.json", "merges.txt"):
         (folder / name).write_bytes((TOKENIZER_FILES / name).read_bytes())
     clip = load_clip(folder, device="cpu")
-    assert clip.model.config.eos_token_id == 2 and clip.image_config.crop_size == {"height": 30, "width": 30}
+    assert clip.model.config.text_config.eos_token_id == 2 and clip.image_config.crop_size == {"height": 30, "width": 30}
     ids = clip.tokenizer(["a photo of a cat"])
     assert rel_err(clip.model.text_embeddings(ids), ref.get_text_features(input_ids=ids).pooler_output) < 1e-5
     pixels = torch.randn(2, 3, 30, 30, generator=torch.Generator().manual_seed(0))
@@ -136,7 +136,8 @@ def test_full_size_keys_and_shapes_equal_transformers(tmp_path):
                                 num_hidden_layers=24, image_size=224, patch_size=14), 768)
     (tmp_path / "config.json").write_text(json.dumps(config))
     ours_config = read_config(tmp_path / "config.json", CLIPConfig)
-    assert (ours_config.vision_config.patch_size, ours_config.projection_dim, ours_config.eos_token_id) == (14, 768, 2)
+    assert (ours_config.vision_config.patch_size, ours_config.projection_dim,
+            ours_config.text_config.eos_token_id) == (14, 768, 2)
     with torch.device("meta"):
         ours = CLIPModel(ours_config)
         ref = RefCLIPModel(RefCLIPConfig.from_json_file(tmp_path / "config.json"))
@@ -176,7 +177,7 @@ def test_missing_or_wrong_files_are_named(tmp_path):
     with pytest.raises(WeightsError, match="model.safetensors.*\n.*missing keys.*\n.*visual_projection.weight"):
         load_clip(tmp_path, device="cpu")
     (tmp_path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="no CLIP weight file"):
+    with pytest.raises(WeightsError, match="no weight file .*\n.*whole transformers CLIPModel folder"):
         load_clip(tmp_path, device="cpu")
     save_file(state_dict, tmp_path / "model.safetensors")
     text_encoder = {"architectures": ["CLIPTextModel"], "attention_dropout": 0.0, **TEXT,
