@@ -118,6 +118,19 @@ def test_unknown_config_option_is_named(reference, tmp_path):
         msd.load_pipeline(tmp_path / "m", device="cpu")
 
 
+def test_transformers_pickle_name_is_found(reference, tmp_path):
+    """Older SD text_encoder/ folders hold only transformers' pytorch_model.bin."""
+    folder, _ = reference
+    pipe = msd.load_pipeline(folder, device="cpu")
+    pipe.save(tmp_path / "m")
+    text = tmp_path / "m" / "text_encoder"
+    (weights,) = text.glob("*.safetensors")
+    torch.save(load_file(weights), text / "pytorch_model.bin")
+    weights.unlink()
+    ids = pipe.tokenizer(["a photo of a cat"])
+    assert torch.equal(msd.load_pipeline(tmp_path / "m", device="cpu").text_encoder(ids), pipe.text_encoder(ids))
+
+
 def test_wrong_weights_and_missing_parts_are_named(reference, tmp_path):
     folder, _ = reference
     msd.load_pipeline(folder, device="cpu").save(tmp_path / "m")
