@@ -115,8 +115,9 @@ class Conv2d(nn.Conv2d):
     unfolded patches (im2col + GEMM). For SD's 1280-channel layers at 8x8 and 16x16 latent pixels this is 2x
     and 1.2x faster, forward and backward, than PyTorch's CPU convolution (oneDNN), measured on 2 cores; most
     likely because oneDNN copies the weight (59 MB there) into its blocked layout on every call, which costs
-    more than the arithmetic over so few pixels. With fewer channels per pixel oneDNN wins: the GEMM is taken
-    for at most in_channels / 4 output pixels in the whole batch (8x8 and 16x16 at batch 1 for 1280 channels).
+    more than the arithmetic over so few pixels. With fewer channels per pixel, or more pixels, oneDNN wins:
+    the GEMM is taken for at most in_channels / 4 and at most 256 output pixels in the whole batch (8x8 and
+    16x16 at batch 1, 8x8 at batch 2 for 1280 and 2560 channels; at batch 2 and 16x16 oneDNN was faster).
     Written for the UNet's convolutions: zero padding, no groups, no dilation."""
     def forward(self, x):
         if x.device.type != "cpu":
@@ -124,7 +125,8 @@ class Conv2d(nn.Conv2d):
         B, _, H, W = x.shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         H_out, W_out = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-        if 4 * B * H_out * W_out > self.in_channels:
+        pixels = B * H_out * W_out
+        if pixels > 256 or 4 * pixels > self.in_channels:
             return super().forward(x)
         patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C*kh*kw, pixels)
         out = self.weight.flatten(1) @ patches + self.bias[:, None]  # (B, out_channels, pixels)

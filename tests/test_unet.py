@@ -74,14 +74,18 @@ def test_matches_diffusers(pair, height, width, monkeypatch):
     assert gemm_calls or height != 4
 
 
-@pytest.mark.parametrize("kernel, stride, padding, batch, size", [
-    (3, 1, 1, 2, (1, 2)), (3, 2, 1, 1, (3, 5)), (1, 1, 0, 1, (2, 2)), (3, 1, 1, 1, (8, 8))])
-def test_conv2d_on_few_pixels_runs_as_gemm_with_the_same_result(kernel, stride, padding, batch, size, monkeypatch):
+# gemm: whether the rule (at most in_channels / 4 and at most 256 output pixels in the batch) picks unfold + GEMM
+@pytest.mark.parametrize("channels, kernel, stride, padding, batch, size, gemm", [
+    (64, 3, 1, 1, 2, (1, 2), True), (64, 3, 2, 1, 1, (3, 5), True), (64, 1, 1, 0, 1, (2, 2), True),
+    (64, 3, 1, 1, 1, (8, 8), False),  # 64 pixels > 64 / 4
+    (1100, 1, 1, 0, 1, (16, 16), True), (1100, 1, 1, 0, 1, (16, 17), False)])  # 256 and 272 pixels
+def test_conv2d_on_few_pixels_runs_as_gemm_with_the_same_result(channels, kernel, stride, padding, batch, size, gemm,
+                                                                monkeypatch):
     torch.manual_seed(0)
-    conv = unet_module.Conv2d(64, 48, kernel, stride=stride, padding=padding)
-    ref = torch.nn.Conv2d(64, 48, kernel, stride=stride, padding=padding)
+    conv = unet_module.Conv2d(channels, 48, kernel, stride=stride, padding=padding)
+    ref = torch.nn.Conv2d(channels, 48, kernel, stride=stride, padding=padding)
     ref.load_state_dict(conv.state_dict())
-    x = torch.randn(batch, 64, *size, requires_grad=True)
+    x = torch.randn(batch, channels, *size, requires_grad=True)
     x_ref = x.detach().clone().requires_grad_()
     unfold, calls = F.unfold, []
     monkeypatch.setattr(F, "unfold", lambda *args, **kwargs: calls.append(1) or unfold(*args, **kwargs))
@@ -91,7 +95,7 @@ def test_conv2d_on_few_pixels_runs_as_gemm_with_the_same_result(kernel, stride, 
     grad = torch.randn_like(out_ref)
     out.backward(grad)
     out_ref.backward(grad)
-    assert bool(calls) == (4 * batch * out.shape[-2] * out.shape[-1] <= 64)  # (8, 8): oneDNN's convolution
+    assert bool(calls) == gemm
     assert out.shape == out_ref.shape
     for ours, theirs in [(out, out_ref), (x.grad, x_ref.grad), (conv.weight.grad, ref.weight.grad),
                          (conv.bias.grad, ref.bias.grad)]:
