@@ -209,20 +209,20 @@ def make_case(component: str, config: dict, variant: set, device) -> Case:
     return Case(component, run_ours, run_reference)
 
 
-def peak_memory(fn, device) -> int:
-    """Bytes: the most allocated during fn() above what was allocated when it started."""
+def peak_memory(fn, device):
+    """(bytes, fn's output): the most allocated during fn() above what was allocated when it started."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         start = torch.cuda.memory_allocated()
-        fn()
+        output = fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - start
+        return torch.cuda.max_memory_allocated() - start, output
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
+        output = fn()
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
                     key=lambda e: e.start_ns())
-    return max(itertools.accumulate((e.nbytes() for e in events), initial=0))
+    return max(itertools.accumulate((e.nbytes() for e in events), initial=0)), output
 
 
 def measure(case: Case, device, repeats: int, warmup: int, clock) -> dict:
@@ -233,10 +233,12 @@ def measure(case: Case, device, repeats: int, warmup: int, clock) -> dict:
             torch.cuda.synchronize()
     with torch.set_grad_enabled(case.grad):
         for _ in range(warmup):
-            outputs = {side: fn() for side, fn in sides.items()}
-        a, b = (outputs[side].float() for side in sides)
-        rel_diff = ((a - b).norm() / b.norm()).item()
-        memory = {side: peak_memory(fn, device) for side, fn in sides.items()}
+            for fn in sides.values():
+                fn()
+        # The memory call (with no warm-up also the first call, which warms up) gives the outputs compared.
+        (memory_a, a), (memory_b, b) = (peak_memory(fn, device) for fn in sides.values())
+        memory = dict(zip(sides, (memory_a, memory_b)))
+        rel_diff = ((a.float() - b.float()).norm() / b.float().norm()).item()
         times = {side: [] for side in sides}
         for repeat in range(repeats):
             for side in list(sides)[::1 if repeat % 2 == 0 else -1]:
@@ -285,6 +287,8 @@ def main():
                         f"and/or +compile (default: fp32 on CPU, {GPU_VARIANTS} on CUDA)")
     parser.add_argument("--latent", type=int, help="latent side (default per config: tiny 8, medium 32, sd15 64)")
     parser.add_argument("--batch", type=int, help="images or prompts (default per config: tiny 8, medium 2, sd15 1)")
+    parser.add_argument("--warmup", type=int, help="calls per side before the memory call and the timed repeats "
+                        "(default 1, 3 with torch.compile); 0 makes the memory call the warm-up")
     parser.add_argument("--cpu-time", action="store_true", help="time by process CPU time, not wall clock")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: known GPUs)")
     parser.add_argument("--out", help="Markdown file (default: benchmarks/results-DEVICE.md)")
@@ -324,7 +328,8 @@ def main():
         for variant, component in itertools.product(variants, components):
             flags = set(variant.split("+"))
             result = measure(make_case(component, config, flags, device), device, args.repeats,
-                             warmup=3 if "compile" in flags else 1, clock=clock)
+                             warmup=args.warmup if args.warmup is not None else 3 if "compile" in flags else 1,
+                             clock=clock)
             lines.append(row(f"{config_name} (batch {config['batch']}, latent {config['latent']})", variant,
                              component, result))
             print(lines[-1], flush=True)
