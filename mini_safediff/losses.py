@@ -81,9 +81,10 @@ class ContrastiveCentres:
         # masked sums, not z[harmful]: no host sync, deterministic on GPU, and float32 under autocast
         sums = torch.stack([torch.where(harmful, 0.0, z).sum(0), torch.where(harmful, z, 0.0).sum(0)])
         n = torch.stack([(~harmful).sum(), harmful.sum()]).float().view(2, 1, 1, 1)
-        if self.sum_over_ranks:
-            torch.distributed.all_reduce(sums)
-            torch.distributed.all_reduce(n)
+        if self.sum_over_ranks:  # one collective: the counts ride along as a last column
+            packed = torch.cat([sums.flatten(1), n.view(2, 1)], dim=1)  # (2, C*H*W + 1)
+            torch.distributed.all_reduce(packed)
+            sums, n = packed[:, :-1].view_as(sums), packed[:, -1:].view(2, 1, 1, 1)
         # mean += (sum - n mean) / (count + n): the mean of all z seen so far, with no big running sum
         self.count += n.flatten()
         self.mean += (sums - n * self.mean) / self.count.view(2, 1, 1, 1)
