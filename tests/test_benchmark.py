@@ -1,0 +1,39 @@
+"""benchmarks/components.py is a script, not a test; these keep it runnable (its GPU variants included, as far
+as a CPU runs them) and check the FLOP count behind its MFU column."""
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import components  # noqa: E402
+from mini_safediff.config import config_from_dict  # noqa: E402
+from mini_safediff.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+
+
+def test_writes_a_row_per_component_and_variant(tmp_path, monkeypatch):
+    out = tmp_path / "results.md"
+    variants = ["fp32", "bf16+channels_last"]
+    monkeypatch.setattr(sys, "argv", ["components.py", "--config", "tiny", "--repeats", "1", "--warmup", "0",
+                                      "--variants", ",".join(variants), "--out", str(out)])
+    components.main()
+    rows = [line.split(" | ") for line in out.read_text().splitlines() if line.startswith("| tiny")]
+    assert [(row[1], row[2]) for row in rows] == [(c, v) for v in variants for c in components.COMPONENTS]
+    for row in rows:
+        ratio, rel_diff = float(row[5].strip("*")), float(row[-1].removesuffix(" |"))
+        assert ratio > 0
+        # same weights on both sides: float32 agrees to rounding; bf16 to bf16's rounding (8 bits of mantissa)
+        assert rel_diff < (1e-4 if row[2] == "fp32" else 0.05), row
+
+
+def test_train_flops_count_the_backward():
+    """Backward costs about twice the forward (input and weight gradients; conv_in needs no input gradient)."""
+    config = components.CONFIGS["tiny"]()
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(config_from_dict(UNetConfig, config["unet"]))
+        sample = torch.randn(config["batch"], unet.config.in_channels, config["latent"], config["latent"])
+        context = torch.randn(config["batch"], 77, unet.config.cross_attention_dim)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            unet(sample, torch.zeros(config["batch"]), context)
+    assert 2.8 < components.train_flops(config) / counter.get_total_flops() <= 3.0
