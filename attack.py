@@ -107,6 +107,10 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
             "data": str(Path(dataset.folder).resolve()), "files": [row["file_name"] for row in dataset.rows],
             "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("model", "out", "resume", "quiet")},
             "save_at": save_at})
+        stale = sorted({p.name for p in out.glob("step-*")} - {f"step-{k}" for k in save_at})
+        if stale:  # left in place (they may be wanted), but attack.json no longer describes them
+            print(f"warning: {out} also holds {', '.join(stale)} from an earlier run, not from this one",
+                  file=sys.stderr)
 
     def checkpoint():
         if main_process:

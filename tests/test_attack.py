@@ -58,7 +58,7 @@ def test_lora_changes_only_its_projections_and_merges_exactly(model, tmp_path):
         assert torch.equal(merged[key], base[key] + (4 / 2) * lora[f"{stem}.lora_B"] @ lora[f"{stem}.lora_A"])
 
 
-def test_snapshots_equal_separate_shorter_runs(model, tmp_path):
+def test_snapshots_equal_separate_shorter_runs(model, tmp_path, capsys):
     data = write_data(tmp_path / "data", [2, 2, 2])
     common = ["--lr", "1e-3", "--batch-size", "2"]
     run([model], data, tmp_path / "long", "--steps", "4", "--save-at", "0,2,4", *common)
@@ -71,6 +71,9 @@ def test_snapshots_equal_separate_shorter_runs(model, tmp_path):
         assert all(torch.equal(got[k], expected[k]) for k in expected)
     record = json.loads((tmp_path / "long" / "ours" / "attack.json").read_text())
     assert record["hyperparameters"]["lr"] == 1e-3 and record["files"] == ["0.png", "1.png", "2.png"]
+    capsys.readouterr()
+    run([model], data, tmp_path / "long", "--steps", "2", *common)  # a new run into the same folder
+    assert "also holds step-0, step-4 from an earlier run" in capsys.readouterr().err
 
 
 def test_every_model_sees_the_same_data_and_noise(model, tmp_path):
