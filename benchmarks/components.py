@@ -236,9 +236,10 @@ def measure(case: Case, device, repeats: int, warmup: int, clock) -> dict:
             for fn in sides.values():
                 fn()
         # The memory call (with no warm-up also the first call, which warms up) gives the outputs compared.
-        (memory_a, a), (memory_b, b) = (peak_memory(fn, device) for fn in sides.values())
-        memory = dict(zip(sides, (memory_a, memory_b)))
-        rel_diff = ((a.float() - b.float()).norm() / b.float().norm()).item()
+        measured = {side: peak_memory(fn, device) for side, fn in sides.items()}  # side -> (bytes, output)
+        memory = {side: nbytes for side, (nbytes, _) in measured.items()}
+        a, b = (output.float() for _, output in measured.values())
+        rel_diff = ((a - b).norm() / b.norm()).item()
         times = {side: [] for side in sides}
         for repeat in range(repeats):
             for side in list(sides)[::1 if repeat % 2 == 0 else -1]:
