@@ -26,7 +26,7 @@ from mini_safediff.data import SafetyDataset, load_batch
 from mini_safediff.lora import add_lora, lora_state_dict, merged_state_dict
 from mini_safediff.losses import diffusion_loss
 from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
-from mini_safediff.training import (AdamWBF16, draw_noise_and_timesteps, encode_batch, save_checkpoint,
+from mini_safediff.training import (adamw, draw_noise_and_timesteps, encode_batch, save_checkpoint,
                                     start_or_resume, step_means, write_log)
 from mini_safediff.weights import save_state_dict, write_json
 
@@ -96,8 +96,7 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
     unet.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
     params = add_lora(unet, args.lora_rank, args.lora_alpha, args.seed) if args.lora_rank else list(
         unet.requires_grad_(True).parameters())
-    optimizer = (AdamWBF16 if args.adam_bf16 else torch.optim.AdamW)(params, lr=args.lr,
-                                                                     weight_decay=args.weight_decay)
+    optimizer = adamw(params, args.lr, args.weight_decay, bf16_state=args.adam_bf16)
     generator = torch.Generator().manual_seed(args.seed)  # the same stream for every attacked model
     step, _ = start_or_resume(out, args.resume, unet, optimizer, generator, main_process)
     net = DDP(unet, device_ids=[device] if cuda else None) if ddp else unet  # DDP averages the gradients

@@ -29,7 +29,7 @@ from mini_safediff import distributed
 from mini_safediff.data import SafetyDataset, load_batch
 from mini_safediff.losses import ContrastiveCentres, SafetyLossConfig, ng_noise, safety_loss
 from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
-from mini_safediff.training import (EMA, AdamWBF16, draw_noise_and_timesteps, encode_batch, lr_at,
+from mini_safediff.training import (EMA, adamw, draw_noise_and_timesteps, encode_batch, lr_at,
                                     save_checkpoint, start_or_resume, step_means, write_log)
 
 
@@ -90,8 +90,7 @@ def train(args) -> Path:
     # Only the UNet trains; the VAE and the text encoder stay frozen in eval mode.
     unet = pipe.unet.train().requires_grad_(True)
     unet.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
-    optimizer = (AdamWBF16 if args.adam_bf16 else torch.optim.AdamW)(unet.parameters(), lr=args.lr,
-                                                                     weight_decay=args.weight_decay)
+    optimizer = adamw(unet.parameters(), args.lr, args.weight_decay, bf16_state=args.adam_bf16)
     generator = torch.Generator().manual_seed(args.seed)  # VAE posterior samples, noise, timesteps
     latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     centres = ContrastiveCentres(latent_shape, generator, sum_over_ranks=ddp)

@@ -102,7 +102,7 @@ class AdamWBF16(torch.optim.Optimizer):
                 p.mul_(1 - lr * weight_decay)
                 exp_avg = state["exp_avg"].float().lerp_(p.grad, 1 - beta1)
                 exp_avg_sq = state["exp_avg_sq"].float().mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
+                denom = exp_avg_sq.sqrt().div_((1 - beta2 ** step) ** 0.5).add_(eps)
                 p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** step))
                 state["exp_avg"] = round_to_bfloat16(exp_avg, rounding[p.device])
                 state["exp_avg_sq"] = round_to_bfloat16(exp_avg_sq, rounding[p.device])
@@ -113,11 +113,23 @@ class AdamWBF16(torch.optim.Optimizer):
             state["exp_avg"], state["exp_avg_sq"] = state["exp_avg"].bfloat16(), state["exp_avg_sq"].bfloat16()
 
 
+def adamw(params, lr: float, weight_decay: float, bf16_state: bool = False) -> torch.optim.Optimizer:
+    """The optimizer of train.py and attack.py: AdamWBF16 with bf16_state, else torch's fused AdamW. Fused, the step
+    is one kernel over all weights: on CUDA without the weights-sized temporaries of torch's default (foreach)
+    AdamW, on the CPU about 7x faster than its default per-tensor loop; equal to them up to float rounding."""
+    params = list(params)
+    if bf16_state:
+        return AdamWBF16(params, lr=lr, weight_decay=weight_decay)
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)  # the devices with a fused AdamW kernel
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
 def round_to_bfloat16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """float32 -> bfloat16 (the upper 16 bits), rounded up with probability (lower 16 bits) / 2^16 and down
     otherwise, so that the expected value is x: random lower bits are added, then cut off."""
     noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
-    return ((x.view(torch.int32) + noise) & -(1 << 16)).view(torch.float32).bfloat16()
+    # in place: at SD size the temporaries of the largest weight are 118 MB each
+    return noise.add_(x.view(torch.int32)).bitwise_and_(-(1 << 16)).view(torch.float32).bfloat16()
 
 
 def save_checkpoint(checkpoint: dict, path) -> None:
