@@ -1,5 +1,6 @@
-"""benchmarks/components.py is a script, not a test; these keep it runnable (its GPU variants included, as far
-as a CPU runs them) and check the FLOP count behind its MFU column."""
+"""benchmarks/components.py and train_memory.py are scripts, not tests; these keep them runnable (components.py's
+GPU variants included, as far as a CPU runs them) and check the FLOP count behind its MFU column and the memory
+that train_memory.py reads."""
 import sys
 from pathlib import Path
 
@@ -37,3 +38,20 @@ def test_train_flops_count_the_backward():
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             unet(sample, torch.zeros(config["batch"]), context)
     assert 2.8 < components.train_flops(config) / counter.get_total_flops() <= 3.0
+
+
+
+def test_train_memory_measures_train_py(tmp_path):
+    """benchmarks/train_memory.py's runs of train.py (built-in model): the recipe's flags take less memory than float32
+    without checkpointing, and each peak holds at least the UNet's weights, gradients and AdamW moments."""
+    import train_memory
+    from mini_safediff.digits import builtin_dataset
+    from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
+
+    recipe, full = train_memory.run_variants(BUILTIN_MODEL, builtin_dataset(), [train_memory.RECIPE, "--no-bf16"],
+                                             "cpu", steps=2, workdir=tmp_path)
+    weight_bytes = 4 * sum(p.numel() for p in load_pipeline(BUILTIN_MODEL, device="cpu").unet.parameters())
+    assert recipe["peak_bytes"] >= 3 * weight_bytes  # float32 weights and gradients, two bfloat16 moments
+    assert full["peak_bytes"] >= 4 * weight_bytes  # float32 weights, gradients and moments
+    assert recipe["peak_bytes"] < full["peak_bytes"]
+    assert recipe["step_seconds"] > 0 and full["step_seconds"] > 0  # from train.py's log
