@@ -118,7 +118,12 @@ class Conv2d(nn.Conv2d):
     more than the arithmetic over so few pixels. With fewer channels per pixel, or more pixels, oneDNN wins:
     the GEMM is taken for at most in_channels / 4 and at most 256 output pixels in the whole batch (8x8 and
     16x16 at batch 1, 8x8 at batch 2 for 1280 and 2560 channels; at batch 2 and 16x16 oneDNN was faster).
-    Written for the UNet's convolutions: zero padding, no groups, no dilation."""
+    Written for the UNet's convolutions: zero padding, no groups, no dilation, a bias."""
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or self.bias is None:
+            raise ValueError("unet.Conv2d's GEMM path is written for zero padding, groups=1, dilation=1 and a bias")
+
     def forward(self, x):
         if x.device.type != "cpu":
             return super().forward(x)

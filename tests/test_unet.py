@@ -102,6 +102,13 @@ def test_conv2d_on_few_pixels_runs_as_gemm_with_the_same_result(channels, kernel
         assert rel_err(ours, theirs) < 1e-6
 
 
+@pytest.mark.parametrize("options", [dict(groups=2), dict(dilation=2), dict(padding_mode="reflect"),
+                                     dict(bias=False)])
+def test_conv2d_refuses_what_its_gemm_path_does_not_compute(options):
+    with pytest.raises(ValueError, match="zero padding, groups=1, dilation=1 and a bias"):
+        unet_module.Conv2d(64, 48, 3, padding=1, **options)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @torch.no_grad()
 def test_half_precision(pair, dtype):
