@@ -42,7 +42,6 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from sd_configs import SD15_TEXT, SD15_UNET, SD_VAE  # noqa: E402
-from tiny_models import reference_ddim, reference_tokenizer  # noqa: E402
 
 import mini_safediff as msd  # noqa: E402
 from mini_safediff.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
@@ -182,6 +181,7 @@ def make_case(component: str, config: dict, variant: set, device) -> Case:
         return Case(component, lambda: ours(ids), lambda: ref(ids).last_hidden_state)
 
     from diffusers import StableDiffusionPipeline
+    from tiny_models import reference_ddim, reference_tokenizer
 
     parts = {part: models(part, config, variant, device, dtype) for part in ("unet", "vae", "text")}
     ours = msd.Pipeline(unet=compiled(parts["unet"][0], "unet", variant), vae=compiled(parts["vae"][0], "vae", variant),

@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 from sd_configs import SD15_TEXT, SD15_UNET, SD_SCHEDULER, SD_VAE  # noqa: E402
 
+from components import peak_memory  # noqa: E402
+
 from mini_safediff.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
 from mini_safediff.config import config_from_dict  # noqa: E402
 from mini_safediff.pipeline import Pipeline  # noqa: E402
@@ -79,16 +81,7 @@ def measure_run(train_argv: list[str], device: str) -> dict:
     import train
 
     args = train.parse_args(train_argv + ["--device", device, "--quiet"])
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-        train.train(args)
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            train.train(args)
-        sizes = [e.nbytes() for e in sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                                            key=lambda e: e.start_ns())]
-        peak = int(np.cumsum(sizes).max())
+    peak, _ = peak_memory(lambda: train.train(args), torch.device(device))  # nothing allocated yet: all of it
     log = [json.loads(line) for line in (Path(args.out) / "log.jsonl").read_text().splitlines()]
     step_seconds = (log[-1]["seconds"] - log[0]["seconds"]) / max(len(log) - 1, 1)
     return {"peak_bytes": peak, "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
