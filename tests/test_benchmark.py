@@ -40,7 +40,6 @@ def test_train_flops_count_the_backward():
     assert 2.8 < components.train_flops(config) / counter.get_total_flops() <= 3.0
 
 
-
 def test_train_memory_measures_train_py(tmp_path):
     """benchmarks/train_memory.py's runs of train.py (built-in model): the recipe's flags take less memory than float32
     without checkpointing, and each peak holds at least the UNet's weights, gradients and AdamW moments."""
