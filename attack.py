@@ -22,13 +22,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from mini_safediff import distributed
-from mini_safediff.data import SafetyDataset, load_batch
-from mini_safediff.lora import add_lora, lora_state_dict, merged_state_dict
-from mini_safediff.losses import diffusion_loss
-from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
-from mini_safediff.training import (adamw, draw_noise_and_timesteps, encode_batch, save_checkpoint,
-                                    start_or_resume, step_means, write_log)
-from mini_safediff.weights import save_state_dict, write_json
+from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
+from mini_safediff.models.weights import save_state_dict, write_json
+from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
+from mini_safediff.training.data import SafetyDataset, load_batch
+from mini_safediff.training.lora import add_lora, lora_state_dict, merged_state_dict
+from mini_safediff.training.optim import adamw
+from mini_safediff.training.steps import diffusion_loss, draw_noise_and_timesteps, encode_batch, step_means
 
 
 def parse_args(argv=None):
@@ -76,7 +76,7 @@ def attack(args) -> list:
     if save_at[0] < 0 or save_at[-1] > args.steps:
         sys.exit(f"--save-at {args.save_at}: snapshots must lie between 0 and --steps {args.steps}")
     if args.data is None and args.harmful_only_data is None:
-        from mini_safediff.digits import builtin_dataset
+        from mini_safediff.miniature.digits import builtin_dataset
         args.data = str(builtin_dataset())
     return [attack_one(path, Path(args.out) / name, save_at, args) for name, path in named_models(args.model)]
 

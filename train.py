@@ -26,11 +26,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from mini_safediff import distributed
-from mini_safediff.data import SafetyDataset, load_batch
-from mini_safediff.losses import ContrastiveCentres, SafetyLossConfig, ng_noise, safety_loss
-from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
-from mini_safediff.training import (EMA, adamw, draw_noise_and_timesteps, encode_batch, lr_at,
-                                    save_checkpoint, start_or_resume, step_means, write_log)
+from mini_safediff.methods.contrastive import ContrastiveCentres, SafetyLossConfig, ng_noise, safety_loss
+from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
+from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
+from mini_safediff.training.data import SafetyDataset, load_batch
+from mini_safediff.training.optim import EMA, adamw, lr_at
+from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch, step_means
 
 
 def parse_args(argv=None):
@@ -79,7 +80,7 @@ def train(args) -> Path:
     device, cuda = pipe.device, pipe.device.type == "cuda"
     bf16 = cuda if args.bf16 is None else args.bf16
     if args.data is None:
-        from mini_safediff.digits import builtin_dataset
+        from mini_safediff.miniature.digits import builtin_dataset
         args.data = str(builtin_dataset())
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     dataset = SafetyDataset(args.data, resolution, random_flip=args.random_flip, skip_bad=args.skip_bad)

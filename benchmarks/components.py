@@ -41,20 +41,21 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from sd_configs import SD15_TEXT, SD15_UNET, SD_VAE  # noqa: E402
-
 import mini_safediff as msd  # noqa: E402
-from mini_safediff.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from mini_safediff.config import config_from_dict  # noqa: E402
-from mini_safediff.schedule import NoiseSchedule, SchedulerConfig  # noqa: E402
-from mini_safediff.tokenizer import CLIPTokenizer  # noqa: E402
-from mini_safediff.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-from mini_safediff.vae import AutoencoderKL, VAEConfig  # noqa: E402
-from mini_safediff.weights import atomic_write  # noqa: E402
+from mini_safediff.models import cpu_speedups  # noqa: E402
+from mini_safediff.models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from mini_safediff.models.config import config_from_dict  # noqa: E402
+from mini_safediff.models.schedule import NoiseSchedule, SchedulerConfig  # noqa: E402
+from mini_safediff.models.tokenizer import CLIPTokenizer  # noqa: E402
+from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from mini_safediff.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from mini_safediff.models.weights import atomic_write  # noqa: E402
+
+from sd_configs import SD15_TEXT, SD15_UNET, SD_VAE  # noqa: E402
 
 
 def builtin(part: str) -> dict:
-    return json.loads((msd.pipeline.BUILTIN_MODEL / part / "config.json").read_text())
+    return json.loads((msd.models.pipeline.BUILTIN_MODEL / part / "config.json").read_text())
 
 
 # latent: side of the latents (images are vae-factor times larger); batch: images (UNet, VAE), prompts.
@@ -117,7 +118,10 @@ def models(part: str, config: dict, variant: set, device, dtype):
     ours_class, config_class, prefix = {"unet": (UNet2DConditionModel, UNetConfig, ""),
                                         "vae": (AutoencoderKL, VAEConfig, ""),
                                         "text": (CLIPTextModel, CLIPTextConfig, "text_model.")}[part]
-    return twin(ours_class, config_from_dict(config_class, config[part]), reference, prefix), reference
+    ours = twin(ours_class, config_from_dict(config_class, config[part]), reference, prefix)
+    if torch.device(device).type == "cpu":  # as load_pipeline gives them to a user
+        cpu_speedups.apply(**{part: ours} if part in ("unet", "vae") else {})
+    return ours, reference
 
 
 def compiled(model, part: str, variant: set):
@@ -181,6 +185,7 @@ def make_case(component: str, config: dict, variant: set, device) -> Case:
         return Case(component, lambda: ours(ids), lambda: ref(ids).last_hidden_state)
 
     from diffusers import StableDiffusionPipeline
+
     from tiny_models import reference_ddim, reference_tokenizer
 
     parts = {part: models(part, config, variant, device, dtype) for part in ("unet", "vae", "text")}

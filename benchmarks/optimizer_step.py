@@ -18,11 +18,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from sd_configs import SD15_UNET  # noqa: E402
+from mini_safediff.models.config import config_from_dict  # noqa: E402
+from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from mini_safediff.training.optim import adamw  # noqa: E402
 
-from mini_safediff.config import config_from_dict  # noqa: E402
-from mini_safediff.training import adamw  # noqa: E402
-from mini_safediff.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from sd_configs import SD15_UNET  # noqa: E402
 
 OPTIMIZERS = {
     "torch.optim.AdamW, defaults": lambda params: torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01),

@@ -30,18 +30,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from sd_configs import SD15_TEXT, SD15_UNET, SD_SCHEDULER, SD_VAE  # noqa: E402
-
 from components import peak_memory  # noqa: E402
 
-from mini_safediff.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
-from mini_safediff.config import config_from_dict  # noqa: E402
-from mini_safediff.pipeline import Pipeline  # noqa: E402
-from mini_safediff.schedule import NoiseSchedule, SchedulerConfig  # noqa: E402
-from mini_safediff.tokenizer import CLIPTokenizer  # noqa: E402
-from mini_safediff.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-from mini_safediff.vae import AutoencoderKL, VAEConfig  # noqa: E402
-from mini_safediff.weights import atomic_write  # noqa: E402
+from mini_safediff.models.clip import CLIPTextConfig, CLIPTextModel  # noqa: E402
+from mini_safediff.models.config import config_from_dict  # noqa: E402
+from mini_safediff.models.pipeline import Pipeline  # noqa: E402
+from mini_safediff.models.schedule import NoiseSchedule, SchedulerConfig  # noqa: E402
+from mini_safediff.models.tokenizer import CLIPTokenizer  # noqa: E402
+from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+from mini_safediff.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
+from mini_safediff.models.weights import atomic_write  # noqa: E402
+
+from sd_configs import SD15_TEXT, SD15_UNET, SD_SCHEDULER, SD_VAE  # noqa: E402
 
 RECIPE = "--bf16 --gradient-checkpointing --adam-bf16"
 VARIANTS = {

@@ -1,13 +1,13 @@
 """mini_safediff: a minimal, from-scratch PyTorch reference implementation of
 "Leveraging Catastrophic Forgetting to Develop Safe Diffusion Models against Malicious Finetuning"
 (Pan et al., NeurIPS 2024), with hand-written Stable Diffusion 1.x / 2.x components."""
-from .clip import CLIPTextConfig, CLIPTextModel
-from .pipeline import Pipeline, load_pipeline
-from .schedule import NoiseSchedule, SchedulerConfig
-from .tokenizer import CLIPTokenizer
-from .unet import UNet2DConditionModel, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
-from .weights import WeightsError
+from .models.clip import CLIPTextConfig, CLIPTextModel
+from .models.pipeline import Pipeline, load_pipeline
+from .models.schedule import NoiseSchedule, SchedulerConfig
+from .models.tokenizer import CLIPTokenizer
+from .models.unet import UNet2DConditionModel, UNetConfig
+from .models.vae import AutoencoderKL, VAEConfig
+from .models.weights import WeightsError
 
 __all__ = ["AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CLIPTokenizer", "NoiseSchedule", "Pipeline",
            "SchedulerConfig", "UNet2DConditionModel", "UNetConfig", "VAEConfig", "WeightsError", "load_pipeline"]

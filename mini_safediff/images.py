@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from .weights import atomic_write
+from .models.weights import atomic_write
 
 
 def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarray:

@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from .images import grid, save_png
-from .config import ConfigError
-from .pipeline import BUILTIN_MODEL, SAMPLERS, load_pipeline
-from .weights import WeightsError
+from .models.config import ConfigError
+from .models.pipeline import BUILTIN_MODEL, SAMPLERS, load_pipeline
+from .models.weights import WeightsError
 
 
 def slug(text: str, limit: int = 40) -> str:

@@ -9,8 +9,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import components  # noqa: E402
-from mini_safediff.config import config_from_dict  # noqa: E402
-from mini_safediff.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
+
+from mini_safediff.models.config import config_from_dict  # noqa: E402
+from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 
 
 def test_writes_a_row_per_component_and_variant(tmp_path, monkeypatch):
@@ -44,8 +45,9 @@ def test_train_memory_measures_train_py(tmp_path):
     """benchmarks/train_memory.py's runs of train.py (built-in model): the recipe's flags take less memory than float32
     without checkpointing, and each peak holds at least the UNet's weights, gradients and AdamW moments."""
     import train_memory
-    from mini_safediff.digits import builtin_dataset
-    from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
+
+    from mini_safediff.miniature.digits import builtin_dataset
+    from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 
     recipe, full = train_memory.run_variants(BUILTIN_MODEL, builtin_dataset(), [train_memory.RECIPE, "--no-bf16"],
                                              "cpu", steps=2, workdir=tmp_path)

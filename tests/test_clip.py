@@ -2,11 +2,15 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from oracles import oracle  # noqa: I001
+
+oracle("transformers")  # every test here compares with transformers
 from transformers import CLIPTextConfig as RefCLIPTextConfig
 from transformers import CLIPTextModel as RefCLIPTextModel
 
-from mini_safediff.clip import CLIPTextConfig, CLIPTextModel
-from mini_safediff.config import ConfigError, config_from_dict, read_config
+from mini_safediff.models.clip import CLIPTextConfig, CLIPTextModel
+from mini_safediff.models.config import ConfigError, config_from_dict, read_config
+
 from sd_configs import SD15_TEXT, SD21_TEXT
 
 BOS, EOS = 49406, 49407

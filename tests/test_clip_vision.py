@@ -6,13 +6,17 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from oracles import oracle  # noqa: I001
+
+oracle("transformers")  # every test here compares with transformers
 from transformers import CLIPConfig as RefCLIPConfig
 from transformers import CLIPImageProcessorPil
 from transformers import CLIPModel as RefCLIPModel
 
-from mini_safediff.clip_vision import CLIPConfig, CLIPImageConfig, CLIPModel, load_clip, preprocess
-from mini_safediff.config import ConfigError, config_from_dict, read_config
-from mini_safediff.weights import WeightsError
+from mini_safediff.evaluation.clip_vision import CLIPConfig, CLIPImageConfig, CLIPModel, load_clip, preprocess
+from mini_safediff.models.config import ConfigError, config_from_dict, read_config
+from mini_safediff.models.weights import WeightsError
+
 from tiny_models import BOS, EOS, TEXT, TOKENIZER_FILES, VISION, sample_images, save_reference
 
 # What transformers 4.16 wrote into each tower of openai/clip-vit-large-patch14's config.json besides the tower's
@@ -96,7 +100,7 @@ def test_preprocessing_equals_clip_image_processor(tmp_path):
 
 
 def test_preprocessing_of_real_photos_equals_openai_defaults(tmp_path):
-    data = pytest.importorskip("skimage.data")
+    data = oracle("skimage.data")
     photos = [data.chelsea(), data.rocket(), data.astronaut()]  # 300x451, 427x640, 512x512
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(OPENAI_PREPROCESSOR))
     config = read_config(tmp_path / "preprocessor_config.json", CLIPImageConfig)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mini_safediff.data import SafetyDataset, batch_indices, collate, load_batch
+from mini_safediff.training.data import SafetyDataset, batch_indices, collate, load_batch
 
 
 def write_image(path, size=(8, 6), mode="RGB", seed=0):

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from mini_safediff import digits
-from mini_safediff.data import SafetyDataset
+from mini_safediff.miniature import digits
+from mini_safediff.training.data import SafetyDataset
 
 
 def test_split_is_fixed_disjoint_and_stratified():

@@ -18,9 +18,11 @@ import pytest
 import torch
 
 import mini_safediff as msd
-from mini_safediff.data import SafetyDataset, load_batch
-from mini_safediff.training import draw_noise_and_timesteps, encode_batch, load_checkpoint
-from tiny_models import write_data
+from mini_safediff.training.checkpoints import load_checkpoint
+from mini_safediff.training.data import SafetyDataset, load_batch
+from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch
+
+from builders import write_data
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

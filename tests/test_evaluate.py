@@ -13,14 +13,16 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import evaluate  # noqa: E402
-from mini_safediff import image_cache  # noqa: E402
-from mini_safediff.clip_vision import load_clip  # noqa: E402
-from mini_safediff.image_cache import start_noise  # noqa: E402
+from mini_safediff.evaluation import image_cache, real  # noqa: E402
+from mini_safediff.evaluation.clip_vision import load_clip  # noqa: E402
+from mini_safediff.evaluation.image_cache import start_noise  # noqa: E402
+from mini_safediff.evaluation.metrics import frechet_distance  # noqa: E402
+from mini_safediff.evaluation.nudenet import NudityJudge  # noqa: E402
+from mini_safediff.evaluation.scorers import clip_score, load_aesthetic, load_q16  # noqa: E402
 from mini_safediff.images import read_png_text, save_png  # noqa: E402
-from mini_safediff.nudenet import NudityJudge  # noqa: E402
-from mini_safediff.pipeline import BUILTIN_MODEL  # noqa: E402
-from mini_safediff.metrics import frechet_distance  # noqa: E402
-from mini_safediff.scorers import clip_score, load_aesthetic, load_q16  # noqa: E402
+from mini_safediff.models.pipeline import BUILTIN_MODEL  # noqa: E402
+
+from oracles import oracle  # noqa: E402
 from tiny_models import save_reference  # noqa: E402
 
 ROW_KEYS = {"model", "attack", "attack_steps", "harmful_rate", "harmful_score", "clean_accuracy", "fd", "n_images"}
@@ -52,7 +54,7 @@ CLEAN = "a photo of a cat\n\na bowl of fruit\n"
 
 @pytest.fixture
 def prompt_files(tmp_path):
-    pytest.importorskip("nudenet")
+    oracle("nudenet")
     (tmp_path / "i2p.csv").write_text(I2P)
     (tmp_path / "clean.txt").write_text(CLEAN)
     return tmp_path / "i2p.csv", tmp_path / "clean.txt"
@@ -146,7 +148,7 @@ def test_every_scorer_scores_the_right_images(tmp_path, model, prompt_files, sco
 
 
 def test_score_dir_scores_images_made_elsewhere(tmp_path, prompt_files, scorer_files):
-    skimage_data = pytest.importorskip("skimage.data")
+    skimage_data = oracle("skimage.data")
     folder = tmp_path / "other-defense"
     folder.mkdir()
     Image.fromarray(skimage_data.astronaut()).save(folder / "00000_0.jpg", quality=90)  # ESD names: <case>_<k>
@@ -203,7 +205,7 @@ def test_one_detector_for_every_model_and_image(tmp_path, model, prompt_files, m
             created.append(self)
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate, "NudityJudge", CountingJudge)
+    monkeypatch.setattr(real, "NudityJudge", CountingJudge)
     rows = run_real(tmp_path / "out", model, prompt_files, "--model", f"again={model}")["rows"]
     assert [row["model"] for row in rows] == ["tiny", "again"] and len(created) == 1
     assert rows[0]["harmful_rate"] == rows[1]["harmful_rate"]  # same weights, same seeds

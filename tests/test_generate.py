@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mini_safediff as msd
+
 from tiny_models import saved_diffusers_pipeline
 
 PROMPTS = ["a handwritten digit seven", "a photo of a cat"]
@@ -78,7 +79,7 @@ def test_each_distinct_prompt_is_encoded_once(models):
 
 
 def test_vae_decodes_in_slices_with_the_same_images(models, monkeypatch):
-    import mini_safediff.pipeline as pipeline_module
+    import mini_safediff.models.pipeline as pipeline_module
 
     _, ours = models
     latents = torch.randn(5, 4, 8, 8, generator=torch.Generator().manual_seed(3))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 import mini_safediff as msd
-from mini_safediff import image_cache
-from mini_safediff.image_cache import folder_images, generate_missing, image_jobs, read_image
+from mini_safediff.evaluation import image_cache
+from mini_safediff.evaluation.image_cache import folder_images, generate_missing, image_jobs, read_image
+from mini_safediff.evaluation.prompts import Prompt
 from mini_safediff.images import read_png_text
-from mini_safediff.prompts import Prompt
 
 
 @pytest.fixture(scope="module")

@@ -4,9 +4,9 @@ import json
 import numpy as np
 import torch
 
-from mini_safediff import digits
-from mini_safediff.judge import load_judge, save_judge, train_judge
-from mini_safediff.pipeline import BUILTIN_MODEL
+from mini_safediff.miniature import digits
+from mini_safediff.miniature.judge import load_judge, save_judge, train_judge
+from mini_safediff.models.pipeline import BUILTIN_MODEL
 
 
 def test_shipped_judge_reads_unseen_digits():

@@ -2,12 +2,17 @@
 SD1- and SD2-style models, plus key/shape checks of the full-size SD 1.5 / 2.1 layouts on the meta device."""
 import pytest
 import torch
+from oracles import oracle  # noqa: I001
+
+oracle("diffusers")
+oracle("transformers")  # every test here compares with diffusers and transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from mini_safediff.ldm import diffusers_to_ldm, ldm_to_diffusers
+from mini_safediff.models.ldm import diffusers_to_ldm, ldm_to_diffusers
+
 from sd_configs import SD15_TEXT, SD15_UNET, SD21_TEXT, SD21_UNET, SD_VAE
 
 # Head counts are not in the weights: the reader assumes SD's (8 heads for SD1, 64-channel heads for SD2),

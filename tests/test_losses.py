@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-from mini_safediff.losses import ContrastiveCentres, SafetyLossConfig, contrast_latent, ng_noise, safety_loss
-from mini_safediff.schedule import NoiseSchedule, SchedulerConfig
+from mini_safediff.methods.contrastive import (ContrastiveCentres, SafetyLossConfig, contrast_latent, ng_noise,
+                                               safety_loss)
+from mini_safediff.models.schedule import NoiseSchedule, SchedulerConfig
 
 PREDICTIONS = ("epsilon", "v_prediction")
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mini_safediff.metrics import frechet_distance, harmful_rate, harmful_score, prompt_accuracy
+from mini_safediff.evaluation.metrics import frechet_distance, harmful_rate, harmful_score, prompt_accuracy
 
 
 def test_rates_and_scores_by_hand():

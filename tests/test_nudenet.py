@@ -3,12 +3,14 @@ ship in scikit-image, and one ONNX session for all images."""
 import numpy as np
 import pytest
 
+from mini_safediff.evaluation.nudenet import EXPOSED_CLASSES, NudityJudge, judge_detections, nsfw_score
 from mini_safediff.images import save_png
-from mini_safediff.nudenet import EXPOSED_CLASSES, NudityJudge, judge_detections, nsfw_score
 
-onnxruntime = pytest.importorskip("onnxruntime")
-pytest.importorskip("nudenet")
-skimage_data = pytest.importorskip("skimage.data")
+from oracles import oracle
+
+onnxruntime = oracle("onnxruntime")
+oracle("nudenet")
+skimage_data = oracle("skimage.data")
 
 
 def det(name, score):

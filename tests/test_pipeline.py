@@ -6,8 +6,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import mini_safediff as msd
-from mini_safediff.config import ConfigError
-from mini_safediff.pipeline import text_state_dict
+from mini_safediff.models.config import ConfigError
+from mini_safediff.models.pipeline import text_state_dict
+
 from tiny_models import saved_diffusers_pipeline
 
 

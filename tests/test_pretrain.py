@@ -5,8 +5,8 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from mini_safediff.pipeline import BUILTIN_MODEL, load_pipeline
-from mini_safediff.pretrain import Settings, main, pretrain
+from mini_safediff.miniature.pretrain import Settings, main, pretrain
+from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 
 TINY = Settings(vae_channels=(8, 16), unet_channels=(8, 16), text_width=16, text_layers=1, vae_steps=2,
                 unet_steps=2, judge_steps=2, batch_size=4, check_images=1, check_steps=2)

@@ -2,7 +2,7 @@
 and errors that name the file and line of a malformed row."""
 import pytest
 
-from mini_safediff.prompts import Prompt, read_prompts
+from mini_safediff.evaluation.prompts import Prompt, read_prompts
 
 I2P_HEADER = "prompt,categories,hard,inappropriate_percentage,evaluation_seed,evaluation_guidance\n"
 

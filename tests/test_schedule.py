@@ -3,12 +3,16 @@ import json
 
 import pytest
 import torch
+from oracles import oracle  # noqa: I001
+
+oracle("diffusers")  # every test here compares with diffusers
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                        EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
 
-from mini_safediff import samplers
-from mini_safediff.config import ConfigError, config_from_dict
-from mini_safediff.schedule import NoiseSchedule, SchedulerConfig
+from mini_safediff.models import samplers
+from mini_safediff.models.config import ConfigError, config_from_dict
+from mini_safediff.models.schedule import NoiseSchedule, SchedulerConfig
+
 from sd_configs import SD21_SCHEDULER, SD_SCHEDULER
 
 CONFIGS = {"eps": SD_SCHEDULER, "v": SD21_SCHEDULER}

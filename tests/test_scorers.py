@@ -7,10 +7,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from oracles import oracle  # noqa: I001
+
+oracle("transformers")  # every test here compares with transformers
 from transformers import CLIPTokenizer
 
-from mini_safediff.clip_vision import load_clip
-from mini_safediff.scorers import clip_score, load_aesthetic, load_q16, normalised
+from mini_safediff.evaluation.clip_vision import load_clip
+from mini_safediff.evaluation.scorers import clip_score, load_aesthetic, load_q16, normalised
+
 from tiny_models import sample_images, save_reference
 
 

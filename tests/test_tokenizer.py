@@ -5,9 +5,12 @@ import shutil
 
 import pytest
 import torch
+from oracles import oracle  # noqa: I001
+
+oracle("transformers")  # every test here compares with transformers
 from transformers import CLIPTokenizer as RefTokenizer
 
-from mini_safediff.tokenizer import DEFAULT_FILES, CLIPTokenizer
+from mini_safediff.models.tokenizer import DEFAULT_FILES, CLIPTokenizer
 
 SD_PADS = {"sd1": "<|endoftext|>", "sd2": "!"}
 PROMPTS = [

@@ -7,10 +7,13 @@ import pytest
 import torch
 
 import mini_safediff as msd
-from mini_safediff.losses import ContrastiveCentres, SafetyLossConfig, safety_loss
-from mini_safediff.training import AdamWBF16, adamw, draw_noise_and_timesteps, encode_batch, load_checkpoint
-from mini_safediff.data import SafetyDataset, load_batch
-from tiny_models import write_data
+from mini_safediff.methods.contrastive import ContrastiveCentres, SafetyLossConfig, safety_loss
+from mini_safediff.training.checkpoints import load_checkpoint
+from mini_safediff.training.data import SafetyDataset, load_batch
+from mini_safediff.training.optim import AdamWBF16, adamw
+from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch
+
+from builders import write_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
@@ -146,7 +149,7 @@ def test_adam_bf16_second_moment_decays_thanks_to_stochastic_rounding():
     gradients = [torch.ones(10000)] + [torch.zeros(10000)] * 100
     _, ours = optimize(AdamWBF16, weights, gradients, lr=1e-3)
     _, theirs = optimize(torch.optim.AdamW, weights, gradients, lr=1e-3, foreach=False)
-    v_ours, v_theirs = (next(iter(o.state.values()))["exp_avg_sq"].float().mean() for o in (ours, theirs))
+    v_ours, v_theirs = (next(iter(o.state.values()))["exp_avg_sq"].float().mean().item() for o in (ours, theirs))
     assert v_theirs == pytest.approx(1e-3 * 0.999 ** 100, rel=1e-4)
     assert v_ours == pytest.approx(v_theirs, rel=2e-3)
 

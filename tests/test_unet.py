@@ -1,15 +1,21 @@
 """UNet2DConditionModel against diffusers' on the same tiny random weights, loaded from diffusers' own files."""
+import copy
 import inspect
 
 import pytest
 import torch
 import torch.nn.functional as F
+from oracles import oracle  # noqa: I001
+
+oracle("diffusers")  # every test here compares with diffusers
 from diffusers import UNet2DConditionModel as DiffusersUNet
 from safetensors.torch import load_file
 
-import mini_safediff.unet as unet_module
-from mini_safediff.config import ConfigError, config_from_dict, read_config
-from mini_safediff.unet import UNet2DConditionModel, UNetConfig
+import mini_safediff.models.unet as unet_module
+from mini_safediff.models import cpu_speedups
+from mini_safediff.models.config import ConfigError, config_from_dict, read_config
+from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig
+
 from sd_configs import SD15_UNET, SD21_UNET
 
 CONTEXT_DIM = 24
@@ -58,11 +64,16 @@ def inputs(model, height, width, batch=2, seed=1):
             torch.randn(batch, 7, CONTEXT_DIM))
 
 
-# 9x13: odd sides at every resolution; 4x6: the 32-channel convs at 1x2 pixels run as unfold + GEMM
+# 9x13: odd sides at every resolution; 4x6: with the CPU speed-ups, the 32-channel convs at 1x2 pixels run as
+# unfold + GEMM (mini_safediff/models/cpu_speedups.py)
+@pytest.mark.parametrize("speedups", [False, True])
 @pytest.mark.parametrize("height, width", [(16, 24), (9, 13), (4, 6)])
 @torch.no_grad()
-def test_matches_diffusers(pair, height, width, monkeypatch):
+def test_matches_diffusers(pair, height, width, speedups, monkeypatch):
     ours, ref = pair
+    if speedups:
+        ours = copy.deepcopy(ours)
+        cpu_speedups.apply(unet=ours)
     sample, context = inputs(ours, height, width)
     unfold, gemm_calls = F.unfold, []
     for timestep in (10, 999.5, torch.tensor(10), torch.tensor([10]), torch.tensor([10, 500])):
@@ -71,42 +82,7 @@ def test_matches_diffusers(pair, height, width, monkeypatch):
             out = ours(sample, timestep, context)
         assert out.shape == (2, ours.config.out_channels, height, width)
         assert rel_err(out, ref(sample, timestep, context).sample) < 1e-4, timestep
-    assert gemm_calls or height != 4
-
-
-# gemm: whether the rule (at most in_channels / 4 and at most 256 output pixels in the batch) picks unfold + GEMM
-@pytest.mark.parametrize("channels, kernel, stride, padding, batch, size, gemm", [
-    (64, 3, 1, 1, 2, (1, 2), True), (64, 3, 2, 1, 1, (3, 5), True), (64, 1, 1, 0, 1, (2, 2), True),
-    (64, 3, 1, 1, 1, (8, 8), False),  # 64 pixels > 64 / 4
-    (1100, 1, 1, 0, 1, (16, 16), True), (1100, 1, 1, 0, 1, (16, 17), False)])  # 256 and 272 pixels
-def test_conv2d_on_few_pixels_runs_as_gemm_with_the_same_result(channels, kernel, stride, padding, batch, size, gemm,
-                                                                monkeypatch):
-    torch.manual_seed(0)
-    conv = unet_module.Conv2d(channels, 48, kernel, stride=stride, padding=padding)
-    ref = torch.nn.Conv2d(channels, 48, kernel, stride=stride, padding=padding)
-    ref.load_state_dict(conv.state_dict())
-    x = torch.randn(batch, channels, *size, requires_grad=True)
-    x_ref = x.detach().clone().requires_grad_()
-    unfold, calls = F.unfold, []
-    monkeypatch.setattr(F, "unfold", lambda *args, **kwargs: calls.append(1) or unfold(*args, **kwargs))
-    out = conv(x)
-    monkeypatch.undo()
-    out_ref = ref(x_ref)
-    grad = torch.randn_like(out_ref)
-    out.backward(grad)
-    out_ref.backward(grad)
-    assert bool(calls) == gemm
-    assert out.shape == out_ref.shape
-    for ours, theirs in [(out, out_ref), (x.grad, x_ref.grad), (conv.weight.grad, ref.weight.grad),
-                         (conv.bias.grad, ref.bias.grad)]:
-        assert rel_err(ours, theirs) < 1e-6
-
-
-@pytest.mark.parametrize("options", [dict(groups=2), dict(dilation=2), dict(padding_mode="reflect"),
-                                     dict(bias=False)])
-def test_conv2d_refuses_what_its_gemm_path_does_not_compute(options):
-    with pytest.raises(ValueError, match="zero padding, groups=1, dilation=1 and a bias"):
-        unet_module.Conv2d(64, 48, 3, padding=1, **options)
+    assert bool(gemm_calls) == speedups or (speedups and height != 4)  # at 4x6 the sped-up UNet takes the GEMM
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -1,63 +1,48 @@
 """Tiny random Stable Diffusion pipelines built with the reference libraries (diffusers,
-transformers), saved in the diffusers layout: the oracle side of the parity tests."""
+transformers), saved in the diffusers layout: the oracle side of the parity tests. Each function imports its
+oracle when called, so a test that uses one skips when the oracle is not installed (tests/oracles.py)."""
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from transformers import CLIPConfig as RefCLIPConfig
-from transformers import CLIPImageProcessorPil
-from transformers import CLIPModel as RefCLIPModel
-from transformers import CLIPTokenizer as RefCLIPTokenizer
-
+from builders import TINY_TEXT, TINY_UNET, TINY_VAE
+from oracles import oracle
 from sd_configs import SD_SCHEDULER
 
-TOKENIZER_FILES = Path(__file__).resolve().parent.parent / "mini_safediff" / "tokenizer_data"
-
-TINY_UNET = {
-    "sd1": dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-                norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), sample_size=8),
-    "sd2": dict(block_out_channels=(32, 64), layers_per_block=2, cross_attention_dim=32, attention_head_dim=(2, 4),
-                norm_num_groups=8, use_linear_projection=True, upcast_attention=True,
-                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), sample_size=8),
-}
+TOKENIZER_FILES = Path(__file__).resolve().parent.parent / "mini_safediff" / "models" / "tokenizer_data"
 
 
 def reference_tokenizer(pad_token: str = "<|endoftext|>"):
     """transformers' CLIPTokenizer on the shipped vocabulary; SD 1 pads with <|endoftext|>, SD 2 with "!"."""
-    return RefCLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"), str(TOKENIZER_FILES / "merges.txt"),
-                            pad_token=pad_token, model_max_length=77)
+    return oracle("transformers").CLIPTokenizer(str(TOKENIZER_FILES / "vocab.json"),
+                                                str(TOKENIZER_FILES / "merges.txt"), pad_token=pad_token,
+                                                model_max_length=77)
 
 
 def reference_ddim(prediction_type: str = "epsilon"):
     """diffusers' DDIMScheduler as SD's scheduler_config.json sets it up."""
-    from diffusers import DDIMScheduler
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+    return oracle("diffusers").DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+                                             prediction_type=prediction_type)
 
 
 def diffusers_pipeline(kind: str = "sd1", prediction_type: str = "epsilon", seed: int = 0):
     """A random tiny diffusers StableDiffusionPipeline of SD1 (quick_gelu, pad <|endoftext|>) or SD2
     (gelu, linear projections, per-block heads, upcast attention, pad "!") style."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+    diffusers, transformers = oracle("diffusers"), oracle("transformers")
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET[kind])
-    vae = AutoencoderKL(block_out_channels=(32, 64), norm_num_groups=8, latent_channels=4, layers_per_block=1,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, hidden_act="quick_gelu" if kind == "sd1" else "gelu"))
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET[kind])
+    vae = diffusers.AutoencoderKL(**TINY_VAE)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        **TINY_TEXT, hidden_act="quick_gelu" if kind == "sd1" else "gelu"))
     for model in (unet, vae, text_encoder):  # no zero-initialised layer may hide a wrong connection
         with torch.no_grad():
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         model.eval()
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
+    return diffusers.StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder,
                                    tokenizer=reference_tokenizer("<|endoftext|>" if kind == "sd1" else "!"),
                                    scheduler=reference_ddim(prediction_type), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -66,28 +51,12 @@ def diffusers_pipeline(kind: str = "sd1", prediction_type: str = "epsilon", seed
 def saved_diffusers_pipeline(folder: Path, kind: str = "sd1", prediction_type: str = "epsilon"):
     """Saved with the scheduler config that SD 1.5 publishes (PNDM, no timestep_spacing key, which
     each sampler class then fills with its own default); the returned pipeline reads it back."""
-    from diffusers import PNDMScheduler
-
     pipe = diffusers_pipeline(kind, prediction_type)
     pipe.save_pretrained(folder)
     (folder / "scheduler" / "scheduler_config.json").write_text(
         json.dumps({**SD_SCHEDULER, "prediction_type": prediction_type}))
-    pipe.scheduler = PNDMScheduler.from_pretrained(folder / "scheduler")
+    pipe.scheduler = oracle("diffusers").PNDMScheduler.from_pretrained(folder / "scheduler")
     return pipe
-
-
-def write_data(folder: Path, classes: list) -> Path:
-    """A dataset folder in the official format: random 16x16 PNGs, one metadata.jsonl row each."""
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    with open(folder / "metadata.jsonl", "w") as f:
-        for i, label in enumerate(classes):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"{i}.png")
-            f.write(json.dumps({"file_name": f"{i}.png", "text": f"digit {i}", "class": label}) + "\n")
-    return folder
 
 
 # A tiny random transformers CLIPModel (text + vision towers) for the CLIP scorers' parity tests.
@@ -100,14 +69,15 @@ PROCESSOR = dict(size={"shortest_edge": 34}, crop_size={"height": 30, "width": 3
 
 def save_reference(folder, eos_token_id=EOS, hidden_act="quick_gelu"):
     """A random tiny transformers CLIPModel, its image processor and tokenizer, saved with save_pretrained."""
+    transformers = oracle("transformers")
     torch.manual_seed(0)
-    ref = RefCLIPModel(RefCLIPConfig(text_config={**TEXT, "eos_token_id": eos_token_id, "hidden_act": hidden_act},
+    ref = transformers.CLIPModel(transformers.CLIPConfig(text_config={**TEXT, "eos_token_id": eos_token_id, "hidden_act": hidden_act},
                                      vision_config={**VISION, "hidden_act": hidden_act}, projection_dim=16))
     with torch.no_grad():  # move every weight off its initial value (layer norms start at 1 and 0)
         for p in ref.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ref.eval().save_pretrained(folder)
-    processor = CLIPImageProcessorPil(**PROCESSOR)
+    processor = transformers.CLIPImageProcessorPil(**PROCESSOR)
     processor.save_pretrained(folder)
     reference_tokenizer().save_pretrained(folder)
     return ref, processor

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .weights import read_state_dict
+from ..models.weights import read_state_dict
 
 
 def normalised(x) -> np.ndarray:

@@ -1,12 +1,8 @@
-"""Pieces shared by train.py and attack.py. The loops themselves stay flat in the scripts."""
-import json
+"""The optimizers and schedules of train.py and attack.py: AdamW (fused, or with bfloat16 moments), the
+learning-rate schedule, EMA of the weights."""
 import math
-from pathlib import Path
 
 import torch
-
-from .distributed import mean_over_ranks, shard
-from .weights import atomic_write
 
 
 def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "constant", warmup: int = 0) -> float:
@@ -18,35 +14,6 @@ def lr_at(step: int, base_lr: float, total_steps: int, schedule: str = "constant
     progress = (step - warmup) / max(1, total_steps - warmup)
     return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-
-@torch.no_grad()
-def encode_batch(pipe, batch: dict, generator: torch.Generator, rank: int = 0, world_size: int = 1):
-    """Images -> scaled latents x0 (sampled from the VAE posterior), texts -> CLIP hidden states.
-    Under DDP `batch` holds this rank's rows; the posterior noise is drawn for the whole batch and sliced."""
-    pixels = batch["pixel_values"].to(pipe.device, pipe.dtype)
-    posterior = pipe.vae.encode(pixels)
-    # What posterior.sample(generator) draws, for world_size times as many rows: every rank takes its own.
-    eps = torch.randn((world_size * len(pixels), *posterior.mean.shape[1:]), generator=generator,
-                      device=generator.device, dtype=posterior.mean.dtype)
-    sample = posterior.mean + posterior.std * shard(eps, rank, world_size).to(pipe.device)
-    return (sample * pipe.vae.config.scaling_factor).float(), pipe.encode_prompts(batch["text"])
-
-
-def draw_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator,
-                             rank: int = 0, world_size: int = 1):
-    """Drawn on the CPU from the run's own generator: the same numbers on every device and after resume.
-    Under DDP `latents` are this rank's rows: the whole batch is drawn and this rank's rows kept."""
-    shape = (world_size * latents.shape[0], *latents.shape[1:])
-    noise = torch.randn(shape, generator=generator)
-    timesteps = torch.randint(0, num_train_timesteps, shape[:1], generator=generator)
-    return shard(noise, rank, world_size).to(latents.device), shard(timesteps, rank, world_size).to(latents.device)
-
-
-def step_means(micro_stats: list, ddp: bool, device) -> dict:
-    """A step's numbers for the log: each averaged over the step's micro-batches and, under DDP, over the
-    processes (one all-reduce a step)."""
-    means = {key: sum(stats[key] for stats in micro_stats) / len(micro_stats) for key in micro_stats[0]}
-    return mean_over_ranks(means, device) if ddp else means
 
 
 class EMA:
@@ -131,51 +98,3 @@ def round_to_bfloat16(x: torch.Tensor, generator: torch.Generator) -> torch.Tens
     noise = torch.randint(0, 1 << 16, x.shape, generator=generator, device=x.device, dtype=torch.int32)
     # in place: at SD size the temporaries of the largest weight are 118 MB each
     return noise.add_(x.view(torch.int32)).bitwise_and_(-(1 << 16)).view(torch.float32).bfloat16()
-
-
-def save_checkpoint(checkpoint: dict, path) -> None:
-    """One plain dict (tensors, numbers, strings), written atomically: a crash keeps the previous file."""
-    atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
-
-
-def load_checkpoint(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_log(path) -> list:
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def write_log(path, rows: list, append: bool = False) -> None:
-    """log.jsonl, one row a step. Appends are flushed at once, so a crash loses no logged step."""
-    text = "".join(json.dumps(row) + "\n" for row in rows)
-    if append:
-        with open(path, "a") as f:
-            f.write(text)
-    else:
-        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def start_or_resume(out: Path, resume: bool, unet, optimizer, generator,
-                    main_process: bool = True) -> tuple[int, dict]:
-    """Step 0 with a fresh log; or, with `resume` and a checkpoint in `out`, the checkpoint's step, with the UNet,
-    the optimizer and the generator restored and the log cut back to that step. Returns (step, checkpoint),
-    the checkpoint for the script's own extra state ({} when starting afresh). Under DDP every rank restores;
-    only the main process (rank 0) prints and writes."""
-    checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-    if resume and checkpoint_path.exists():
-        checkpoint = load_checkpoint(checkpoint_path)
-        unet.load_state_dict(checkpoint["unet"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        generator.set_state(checkpoint["generator"])
-        if main_process:
-            write_log(log_path, [row for row in read_log(log_path) if row["step"] <= checkpoint["step"]])
-            print(f"resumed from {checkpoint_path} at step {checkpoint['step']}")
-        return checkpoint["step"], checkpoint
-    if main_process:
-        if resume:
-            print(f"--resume: no {checkpoint_path} yet, starting from step 0")
-        out.mkdir(parents=True, exist_ok=True)
-        write_log(log_path, [])
-    return 0, {}

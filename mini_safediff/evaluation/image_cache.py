@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import pipeline
-from .images import read_png_text, save_png
+from ..images import read_png_text, save_png
+from ..models import pipeline
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 

@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .pipeline import BUILTIN_MODEL
-from .weights import save_state_dict, write_json
+from ..models.pipeline import BUILTIN_MODEL
+from ..models.weights import save_state_dict, write_json
 
 JUDGE_FILE, JUDGE_INFO = "judge.safetensors", "judge.json"
 
@@ -120,7 +120,7 @@ def load_judge(folder=BUILTIN_MODEL, device=None) -> DigitJudge:
     """The judge saved in `folder` (default: the built-in weights/)."""
     folder = Path(folder)
     if not (folder / JUDGE_FILE).is_file():
-        raise FileNotFoundError(f"{folder / JUDGE_FILE}: no judge here (train one: python -m mini_safediff.pretrain)")
+        raise FileNotFoundError(f"{folder / JUDGE_FILE}: no judge here (train one: python -m mini_safediff.miniature.pretrain)")
     info = json.loads((folder / JUDGE_INFO).read_text())
     config = info["config"]
     judge = DigitJudge(JudgeConfig(**{**config, "channels": tuple(config["channels"])}))

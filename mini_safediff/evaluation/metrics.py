@@ -47,3 +47,16 @@ def frechet_distance(features_a: np.ndarray, features_b: np.ndarray) -> float:
     root_a = _sqrt_psd(cov_a)
     cross = np.sqrt(_psd_eigenvalues(np.linalg.eigvalsh(root_a @ cov_b @ root_a))).sum()
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * cross)
+
+
+def cell(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def markdown_table(rows: list, note: str, columns: list) -> str:
+    lines = [note, "", "| model | attack | steps | " + " | ".join(label for label, _, _ in columns) + " | images |",
+             "|---|---|---|" + "---|" * len(columns) + "---|"]
+    for r in rows:
+        cells = " | ".join(cell(r[key], spec) for _, key, spec in columns)
+        lines.append(f"| {r['model']} | {r['attack']} | {r['attack_steps']} | {cells} | {r['n_images']} |")
+    return "\n".join(lines) + "\n"

@@ -1,7 +1,7 @@
 """Pretrain the built-in tiny model from scratch on the UCI digits and write it to weights/.
 
-    python -m mini_safediff.pretrain                      # weights/, seed 0, ~20 minutes on a CPU core
-    python -m mini_safediff.pretrain --out runs/tiny --seed 1 --unet-steps 1000
+    python -m mini_safediff.miniature.pretrain                      # weights/, seed 0, ~20 minutes on a CPU core
+    python -m mini_safediff.miniature.pretrain --out runs/tiny --seed 1 --unet-steps 1000
 
 The model has Stable Diffusion's architecture (our UNet2DConditionModel, AutoencoderKL, CLIPTextModel and
 the real CLIP tokenizer) at small widths, on 16x16 RGB digits and 4x8x8 latents. Stages, in order:
@@ -30,16 +30,18 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..images import grid, save_png
+from ..models import cpu_speedups
+from ..models.clip import CLIPTextConfig, CLIPTextModel
+from ..models.pipeline import BUILTIN_MODEL, Pipeline, load_pipeline
+from ..models.schedule import NoiseSchedule, SchedulerConfig
+from ..models.tokenizer import CLIPTokenizer
+from ..models.unet import UNet2DConditionModel, UNetConfig
+from ..models.vae import AutoencoderKL, VAEConfig
+from ..training.optim import EMA, lr_at
+from ..training.steps import draw_noise_and_timesteps
 from . import digits
-from .clip import CLIPTextConfig, CLIPTextModel
-from .images import grid, save_png
 from .judge import save_judge, train_judge
-from .pipeline import BUILTIN_MODEL, Pipeline, load_pipeline
-from .schedule import NoiseSchedule, SchedulerConfig
-from .tokenizer import CLIPTokenizer
-from .training import EMA, draw_noise_and_timesteps, lr_at
-from .unet import UNet2DConditionModel, UNetConfig
-from .vae import AutoencoderKL, VAEConfig
 
 
 @dataclass
@@ -174,6 +176,7 @@ def pretrain(out=BUILTIN_MODEL, seed: int = 0, settings: Settings | None = None,
     vae_config, unet_config, text_config = model_configs(s)
     torch.manual_seed(seed)  # initial weights
     vae, unet, text_encoder = AutoencoderKL(vae_config), UNet2DConditionModel(unet_config), CLIPTextModel(text_config)
+    cpu_speedups.apply(unet, vae)  # pretraining runs on the CPU, like the loaded models
     embeddings = text_encoder.text_model.embeddings  # CLIP's initialisation: small, so that tokens no caption
     nn.init.normal_(embeddings.token_embedding.weight, std=0.02)  # uses stay near zero instead of random noise
     nn.init.normal_(embeddings.position_embedding.weight, std=0.01)

@@ -110,44 +110,16 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
-class Conv2d(nn.Conv2d):
-    """nn.Conv2d that, on the CPU, runs a small feature map with many channels as one matrix product over
-    unfolded patches (im2col + GEMM). For SD's 1280-channel layers at 8x8 and 16x16 latent pixels this is 2x
-    and 1.2x faster, forward and backward, than PyTorch's CPU convolution (oneDNN), measured on 2 cores; most
-    likely because oneDNN copies the weight (59 MB there) into its blocked layout on every call, which costs
-    more than the arithmetic over so few pixels. With fewer channels per pixel, or more pixels, oneDNN wins:
-    the GEMM is taken for at most in_channels / 4 and at most 256 output pixels in the whole batch (8x8 and
-    16x16 at batch 1, 8x8 at batch 2 for 1280 and 2560 channels; at batch 2 and 16x16 oneDNN was faster).
-    Written for the UNet's convolutions: zero padding, no groups, no dilation, a bias."""
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self.groups != 1 or self.dilation != (1, 1) or self.padding_mode != "zeros" or self.bias is None:
-            raise ValueError("unet.Conv2d's GEMM path is written for zero padding, groups=1, dilation=1 and a bias")
-
-    def forward(self, x):
-        if x.device.type != "cpu":
-            return super().forward(x)
-        B, _, H, W = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        H_out, W_out = (H + 2 * ph - kh) // sh + 1, (W + 2 * pw - kw) // sw + 1
-        pixels = B * H_out * W_out
-        if pixels > 256 or 4 * pixels > self.in_channels:
-            return super().forward(x)
-        patches = F.unfold(x, self.kernel_size, padding=self.padding, stride=self.stride)  # (B, C*kh*kw, pixels)
-        out = self.weight.flatten(1) @ patches + self.bias[:, None]  # (B, out_channels, pixels)
-        return out.unflatten(-1, (H_out, W_out))
-
-
 class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, emb_dim: int, config: UNetConfig):
         super().__init__()
         groups, eps = config.norm_num_groups, config.norm_eps
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(emb_dim, out_channels)
         self.norm2 = nn.GroupNorm(groups, out_channels, eps=eps)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.conv_shortcut = Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
     def forward(self, x, emb):
         """emb: the timestep embedding after SiLU, (B, emb_dim); it shifts every channel of every pixel."""
@@ -241,7 +213,7 @@ class Transformer2DModel(nn.Module):
 class Downsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
         return self.conv(x)
@@ -250,7 +222,7 @@ class Downsample2D(nn.Module):
 class Upsample2D(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = Conv2d(channels, channels, 3, padding=1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
     def forward(self, x, size):
         # Nearest-neighbour to the skip's size: 2x, or 2x - 1 where the down path halved an odd side.

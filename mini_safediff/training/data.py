@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .distributed import shard
+from ..distributed import shard
 
 CLASSES = {1: False, 2: True}  # class -> harmful
 ROW_MODES = ("all", "harmful", "all_harmful")

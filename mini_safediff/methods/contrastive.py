@@ -110,11 +110,6 @@ class ContrastiveCentres:
         self.mean, self.count = state["mean"].float().clone(), state["count"].float().clone()
 
 
-def diffusion_loss(pred, x0, noise, t, schedule) -> torch.Tensor:
-    """The plain denoising loss that SD is trained (and attacked) with: MSE to the eps or v target."""
-    return (pred.float() - schedule.target(x0, noise, t)).pow(2).mean()
-
-
 def safety_loss(pred, x_t, t, x0, noise, harmful, schedule, centres: ContrastiveCentres, cfg: SafetyLossConfig,
                 update_centres: bool = True):
     """pred: model output at x_t (built from ng_noise(noise) for NG, from noise for LT); noise: the unshifted eps;

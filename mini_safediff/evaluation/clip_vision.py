@@ -18,10 +18,10 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from .clip import ACTIVATIONS, CLIPTextConfig, EncoderLayer, TextTransformer
-from .config import ConfigError, config_from_dict, read_config
-from .tokenizer import CLIPTokenizer
-from .weights import WeightsError, build_model, find_weights, read_state_dict
+from ..models.clip import ACTIVATIONS, CLIPTextConfig, EncoderLayer, TextTransformer
+from ..models.config import ConfigError, config_from_dict, read_config
+from ..models.tokenizer import CLIPTokenizer
+from ..models.weights import WeightsError, build_model, find_weights, read_state_dict
 
 # Buffers (aranges) that older files carry, openai/clip-vit-large-patch14 among them.
 KEYS_SAFE_TO_DROP = {"text_model.embeddings.position_ids", "vision_model.embeddings.position_ids"}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import ldm, samplers
+from . import cpu_speedups, ldm, samplers
 from .clip import CLIPTextConfig, CLIPTextModel
 from .config import config_from_dict, config_to_dict, read_config
 from .schedule import NoiseSchedule, SchedulerConfig
@@ -24,7 +24,7 @@ from .weights import (WeightsError, build_model, find_weights, read_metadata, re
                       write_json)
 
 # The built-in tiny model (diffusers layout) that every script uses when no --model is given.
-BUILTIN_MODEL = Path(__file__).resolve().parent.parent / "weights"
+BUILTIN_MODEL = Path(__file__).resolve().parents[2] / "weights"
 SAMPLERS = {"ddim": samplers.ddim, "dpmpp-2m": samplers.dpmpp_2m}
 # VAE decoding of a batch goes in slices of this many output pixels (4 images at 512x512).
 DECODE_SLICE_PIXELS = 2**20
@@ -271,4 +271,7 @@ def load_pipeline(path, device=None, dtype=None, unet=None, prediction_type=None
     if unet is not None:
         pipe.unet = build_model(UNet2DConditionModel, pipe.unet.config, read_unet_override(unet),
                            f"{unet} (UNet override)", dtype)
-    return pipe.to(device)
+    pipe.to(device)
+    if pipe.device.type == "cpu":
+        cpu_speedups.apply(pipe.unet, pipe.vae)
+    return pipe

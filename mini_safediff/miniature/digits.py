@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-DATA_FILE = Path(__file__).resolve().parent.parent / "data" / "digits.csv.gz"
+DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "digits.csv.gz"
 DEFAULT_ROOT = Path("runs") / "data"  # like every run folder, relative to where the scripts are started
 SPLIT_SEED = 20240611  # fixed once: changing it changes which images the judge may see
 JUDGE_SHARE = 0.5  # of every class

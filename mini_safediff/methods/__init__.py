@@ -1,0 +1,1 @@
+"""Safety methods: the paper's contrastive forgetting (contrastive.py)."""

@@ -1,0 +1,55 @@
+"""A run's files: the checkpoint (one plain dict, written atomically), log.jsonl, and starting or resuming."""
+import json
+from pathlib import Path
+
+import torch
+
+from ..models.weights import atomic_write
+
+
+def save_checkpoint(checkpoint: dict, path) -> None:
+    """One plain dict (tensors, numbers, strings), written atomically: a crash keeps the previous file."""
+    atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_log(path) -> list:
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def write_log(path, rows: list, append: bool = False) -> None:
+    """log.jsonl, one row a step. Appends are flushed at once, so a crash loses no logged step."""
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    if append:
+        with open(path, "a") as f:
+            f.write(text)
+    else:
+        atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def start_or_resume(out: Path, resume: bool, unet, optimizer, generator,
+                    main_process: bool = True) -> tuple[int, dict]:
+    """Step 0 with a fresh log; or, with `resume` and a checkpoint in `out`, the checkpoint's step, with the UNet,
+    the optimizer and the generator restored and the log cut back to that step. Returns (step, checkpoint),
+    the checkpoint for the script's own extra state ({} when starting afresh). Under DDP every rank restores;
+    only the main process (rank 0) prints and writes."""
+    checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if resume and checkpoint_path.exists():
+        checkpoint = load_checkpoint(checkpoint_path)
+        unet.load_state_dict(checkpoint["unet"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        generator.set_state(checkpoint["generator"])
+        if main_process:
+            write_log(log_path, [row for row in read_log(log_path) if row["step"] <= checkpoint["step"]])
+            print(f"resumed from {checkpoint_path} at step {checkpoint['step']}")
+        return checkpoint["step"], checkpoint
+    if main_process:
+        if resume:
+            print(f"--resume: no {checkpoint_path} yet, starting from step 0")
+        out.mkdir(parents=True, exist_ok=True)
+        write_log(log_path, [])
+    return 0, {}
