@@ -1,6 +1,6 @@
 """Ours vs diffusers / transformers, component by component, timed in one process on the same weights.
 
-    python benchmarks/components.py --config tiny                      # CPU, float32 -> benchmarks/results-cpu.md
+    python benchmarks/components.py --config tiny --out results.md    # CPU, float32; prints the table, writes it too
     python benchmarks/components.py --config both --repeats 5          # tiny and SD 1.5 size
     python benchmarks/components.py --device cuda --config sd15        # + bf16, channels_last, torch.compile
 
@@ -297,7 +297,7 @@ def main():
                         "(default 1, 3 with torch.compile); 0 makes the memory call the warm-up")
     parser.add_argument("--cpu-time", action="store_true", help="time by process CPU time, not wall clock")
     parser.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak (default: known GPUs)")
-    parser.add_argument("--out", help="Markdown file (default: benchmarks/results-DEVICE.md)")
+    parser.add_argument("--out", help="also write the table to this Markdown file (default: print only)")
     args = parser.parse_args()
     import diffusers
     import transformers
@@ -354,9 +354,9 @@ def main():
         lines += ["", f"Training throughput (MFU over {peak} TFLOP/s dense bf16):" if peak else "Training throughput:",
                   *notes]
         print("\n".join(lines[-len(notes) - 1:]))
-    out = Path(args.out or ROOT / "benchmarks" / f"results-{device.type}.md")
-    atomic_write(out, lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    print(f"wrote {out}")
+    if args.out:
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
