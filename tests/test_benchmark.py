@@ -13,8 +13,12 @@ import components  # noqa: E402
 from mini_safediff.models.config import config_from_dict  # noqa: E402
 from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 
+from oracles import oracle  # noqa: E402
+
 
 def test_writes_a_row_per_component_and_variant(tmp_path, monkeypatch):
+    oracle("diffusers")  # the other side of every row
+    oracle("transformers")
     out = tmp_path / "results.md"
     variants = ["fp32", "bf16+channels_last"]
     monkeypatch.setattr(sys, "argv", ["components.py", "--config", "tiny", "--repeats", "1", "--warmup", "0",

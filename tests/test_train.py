@@ -14,6 +14,7 @@ from mini_safediff.training.optim import AdamWBF16, adamw
 from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch
 
 from builders import write_data
+from oracles import oracle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
@@ -72,7 +73,7 @@ def test_resume_is_exact(model, tmp_path, method):
 
 
 def test_outputs_load_in_diffusers_and_single_file(model, tmp_path):
-    from diffusers import StableDiffusionPipeline
+    StableDiffusionPipeline = oracle("diffusers").StableDiffusionPipeline
 
     data = write_data(tmp_path / "data", [1, 2])
     folder = run(model, data, tmp_path / "out", "--steps", "1")
