@@ -1,6 +1,6 @@
 """Evaluation: generate from clean and harmful prompts, score with a judge, write the paper's table.
 
-    python evaluate.py                       # the whole miniature experiment on the built-in model (see README)
+    python evaluate.py                       # the whole miniature experiment on the built-in model (docs/miniature.md)
     python evaluate.py --model base=weights --model lt=runs/lt/model --n 16
     python evaluate.py --judge nudenet,q16 --prompts i2p.csv --categories sexual --clean-prompts coco.txt \
         --clip clip-vit-large-patch14 --aesthetic sa_0_4_vit_l_14_linear.pth --q16 prompts.p \

@@ -98,7 +98,7 @@ def test_safety_loss_equals_hand_computation(prediction_type, method, contrast):
     x_t = sched.add_noise(x0, ng_noise(noise, harmful) if method == "ng" else noise, t)
     loss, stats = safety_loss(pred, x_t, t, x0, noise, harmful, sched, centres_at(start), cfg)
 
-    # the same in plain torch, from the formulas of DESIGN.md section 3
+    # the same in plain torch, from the formulas of docs/method.md
     abar = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
     a, s = abar.sqrt(), (1 - abar).sqrt()
     sign = torch.tensor([-1.0, 1.0, 1.0, -1.0]).view(-1, 1, 1, 1)  # clean -1, harmful +1

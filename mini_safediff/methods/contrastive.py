@@ -1,4 +1,4 @@
-"""The safety loss of contrastive forgetting (Pan et al., NeurIPS 2024; DESIGN.md section 3).
+"""The safety loss of contrastive forgetting (Pan et al., NeurIPS 2024; docs/method.md).
 
 For each sample i of a batch (clean or harmful, mixed freely), with eps the drawn noise:
   x_t    = schedule.add_noise(x0, eps', t)       eps' = eps (LT), ng_noise(eps) = eps +- 1 (NG)

@@ -20,8 +20,9 @@ from .judge import load_judge
 # from the built-in model with the same seed, data and TRAIN_COMMON. The naive baseline unlearns by gradient
 # ascent on harmful rows (no contrastive term): fine-tuning on clean data alone does not remove digit 7.
 # lt and ng add the contrastive term to that same ascent (the official code's "high safety" variant): with
-# harmful weight 0 no scanned lambda removed digit 7 while keeping clean accuracy (README). lt-official is the
-# official code's default (no gradient through the term, harmful weight 0): clean-only fine-tuning.
+# harmful weight 0 no scanned lambda removed digit 7 while keeping clean accuracy (the scan in docs/miniature.md).
+# lt-official is the official code's default (no gradient through the term, harmful weight 0): clean-only
+# fine-tuning.
 TRAIN_COMMON = ["--steps", "200", "--lr", "3e-5", "--batch-size", "8", "--balanced"]
 SAFETY_RUNS = {
     "naive": ["--lambda", "0", "--harmful-weight", "-0.5"],
