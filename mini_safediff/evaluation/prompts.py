@@ -10,6 +10,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..lines import LineError, numbered_lines
+
 # The first of these columns that a CSV has gives the per-row value: the unlearning benchmarks' CSVs (ESD,
 # UnlearnDiffAtk) name them evaluation_*, the I2P dataset itself sd_*.
 SEED_COLUMNS = ("evaluation_seed", "sd_seed")
@@ -50,7 +52,9 @@ def read_prompts(path, categories=None) -> list[Prompt]:
 
 def _read_text(path: Path) -> list[Prompt]:
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+    for number, line in numbered_lines(path):
+        if isinstance(line, LineError):
+            raise ValueError(f"{path}:{number}: {line}")
         if line.strip():
             prompts.append(Prompt(line.strip(), index=len(prompts), line=number))
     return prompts

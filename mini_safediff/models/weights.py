@@ -35,10 +35,9 @@ def read_state_dict(path) -> dict:
     if not path.is_file():
         raise WeightsError(f"{path}: weight file not found")
     if path.name.endswith(".index.json"):
-        shards = json.loads(path.read_text())["weight_map"]
         state_dict = {}
-        for shard in sorted(set(shards.values())):
-            state_dict.update(read_state_dict(path.parent / shard))
+        for shard in shard_files(path):
+            state_dict.update(read_state_dict(shard))
         return state_dict
     if path.suffix == ".safetensors":
         try:
@@ -50,6 +49,26 @@ def read_state_dict(path) -> dict:
         return _read_pickle(path)
     raise WeightsError(f"{path}: unknown weight file type {path.suffix!r} "
                        f"(expected .safetensors or one of {', '.join(PICKLE_SUFFIXES)})")
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shard files a `*.index.json` names in its weight_map, each inside the index's own folder."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{index}: not a valid shard index, invalid JSON ({e})") from None
+    except (KeyError, TypeError):
+        raise WeightsError(f"{index}: not a valid shard index, it has no \"weight_map\" object") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise WeightsError(f"{index}: \"weight_map\" must map tensor names to shard file names")
+    folder = index.parent.resolve()
+    shards = []
+    for name in sorted(set(weight_map.values())):
+        shard = (folder / name).resolve()
+        if shard.parent != folder:  # a published index names files beside it; anything else is refused
+            raise WeightsError(f"{index}: shard {name!r} lies outside the model folder {folder}")
+        shards.append(shard)
+    return shards
 
 
 def _read_pickle(path: Path) -> dict:
@@ -74,8 +93,11 @@ def read_metadata(path) -> dict:
     path = Path(path)
     if path.suffix != ".safetensors":
         return {}
-    with safe_open(path, framework="pt") as f:
-        return f.metadata() or {}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except SafetensorError as e:
+        raise WeightsError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
 
 def _listed(title: str, items: list, limit: int = 12) -> str:
@@ -92,6 +114,9 @@ def load_strict(module: torch.nn.Module, state_dict: dict, source: str) -> torch
     mismatched = sorted(f"{key}: file {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
                         for key in expected.keys() & state_dict.keys()
                         if state_dict[key].shape != expected[key].shape)
+    mismatched += sorted(f"{key}: file holds {state_dict[key].dtype}, expected floating-point weights"
+                         for key in expected.keys() & state_dict.keys()
+                         if expected[key].is_floating_point() and not state_dict[key].is_floating_point())
     if missing or unexpected or mismatched:
         report = ""
         if missing:
@@ -99,7 +124,7 @@ def load_strict(module: torch.nn.Module, state_dict: dict, source: str) -> torch
         if unexpected:
             report += _listed("unexpected keys", unexpected)
         if mismatched:
-            report += _listed("shape mismatches", mismatched)
+            report += _listed("shape or dtype mismatches", mismatched)
         raise WeightsError(f"{source}: does not fit {type(module).__name__}:{report}")
     # Modules are built on the meta device: assign=True adopts the file's tensors with no copy.
     module.load_state_dict(state_dict, strict=True, assign=True)

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from ..distributed import shard
+from ..lines import LineError, numbered_lines
 
 CLASSES = {1: False, 2: True}  # class -> harmful
 ROW_MODES = ("all", "harmful", "all_harmful")
@@ -38,7 +39,10 @@ class SafetyDataset:
         if not self.metadata.is_file():
             raise FileNotFoundError(f"{self.metadata}: not found (a dataset folder needs a metadata.jsonl)")
         self.rows, problems = [], []
-        for line_no, line in enumerate(self.metadata.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_no, line in numbered_lines(self.metadata):
+            if isinstance(line, LineError):
+                problems.append(f"{self.metadata}:{line_no}: {line}")
+                continue
             if not line.strip():
                 continue
             try:
@@ -100,10 +104,19 @@ class SafetyDataset:
     def load(self, index: int, flip: bool = False) -> dict:
         row = self.rows[index]
         with Image.open(self.folder / row["file_name"]) as image:
-            pixels = resize_and_crop(image.convert("RGB"), self.resolution)  # grayscale, RGBA, palette -> RGB
+            pixels = resize_and_crop(to_rgb(image), self.resolution)
         pixels = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 127.5 - 1  # (R, R, 3) -> (3, R, R)
         return {"pixel_values": pixels.flip(-1) if flip else pixels, "text": row["text"],
                 "harmful": row["harmful"], "file_name": row["file_name"]}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode. Pillow's own convert("RGB") clips 16-bit grayscale (modes I;16* and I, as 16-bit
+    PNGs open) to 255, which turns nearly every pixel white: those keep their top 8 bits instead."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        levels = np.asarray(image).astype(np.int64).clip(0, 65535) >> 8
+        return Image.fromarray(levels.astype(np.uint8), "L").convert("RGB")
+    return image.convert("RGB")  # grayscale, RGBA, palette, CMYK -> RGB
 
 
 def resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:

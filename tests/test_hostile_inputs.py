@@ -1,0 +1,109 @@
+"""Hostile and unusual input: each case gives the correct result or a clean error that names the file, line or
+key, never a raw traceback or a silently wrong result."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import mini_safediff as msd
+from mini_safediff.evaluation.prompts import read_prompts
+from mini_safediff.models.weights import WeightsError, read_state_dict
+from mini_safediff.training.data import SafetyDataset
+
+from builders import write_data
+
+LINE_BREAKS = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c"]  # str.splitlines() would split at each
+
+
+def rewrite_metadata(folder, rows: list, prefix: bytes = b"", raw_lines: dict | None = None):
+    lines = [json.dumps(row, ensure_ascii=False).encode() for row in rows]
+    for number, raw in (raw_lines or {}).items():
+        lines[number - 1] = raw
+    (folder / "metadata.jsonl").write_bytes(prefix + b"\n".join(lines) + b"\n")
+
+
+def rows_of(folder) -> list:
+    return [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("brk", LINE_BREAKS)
+def test_a_caption_may_hold_any_unicode_line_break(tmp_path, brk):
+    folder = write_data(tmp_path / "data", [1, 2, 1])
+    rows = rows_of(folder)
+    rows[0]["text"] = f"first{brk}line"
+    rows[2]["file_name"] = "missing.png"  # a bad row after it: its line number must stay 3
+    rewrite_metadata(folder, rows)
+    with pytest.raises(ValueError, match=r"metadata.jsonl:3: image not found"):
+        SafetyDataset(folder, 16)
+    dataset = SafetyDataset(folder, 16, skip_bad=True)
+    assert [row["text"] for row in dataset.rows] == [f"first{brk}line", "digit 1"]
+
+
+def test_a_byte_order_mark_and_windows_line_ends_are_accepted(tmp_path):
+    folder = write_data(tmp_path / "data", [1, 2])
+    lines = [json.dumps(row).encode() for row in rows_of(folder)]
+    (folder / "metadata.jsonl").write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(lines) + b"\r\n")
+    assert len(SafetyDataset(folder, 16)) == 2
+
+
+def test_a_line_that_is_not_utf8_is_named_and_can_be_skipped(tmp_path):
+    folder = write_data(tmp_path / "data", [1, 2, 1])
+    rewrite_metadata(folder, rows_of(folder), raw_lines={2: b'{"file_name": "1.png", "text": "caf\xe9", "class": 2}'})
+    with pytest.raises(ValueError, match=r"metadata.jsonl:2: not UTF-8"):
+        SafetyDataset(folder, 16)
+    assert [row["file_name"] for row in SafetyDataset(folder, 16, skip_bad=True).rows] == ["0.png", "2.png"]
+
+
+def test_prompt_files_split_on_newlines_only_with_exact_line_numbers(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("\ufeffa cat\u2028on a mat\n\na dog\r\n".encode())
+    prompts = read_prompts(path)
+    assert [(p.text, p.line, p.index) for p in prompts] == [("a cat\u2028on a mat", 1, 0), ("a dog", 3, 1)]
+    path.write_bytes(b"fine\n\xff\xfe broken\n")
+    with pytest.raises(ValueError, match=r"prompts.txt:2: not UTF-8"):
+        read_prompts(path)
+
+
+def test_16_bit_png_keeps_its_grey_levels(tmp_path):
+    folder = write_data(tmp_path / "data", [1])
+    ramp = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 8-bit levels 0..255 stored in 16 bits
+    Image.fromarray(ramp).save(folder / "0.png")
+    assert Image.open(folder / "0.png").mode.startswith("I")
+    pixels = SafetyDataset(folder, 16)[0]["pixel_values"]  # (3, 16, 16) in [-1, 1]
+    expected = torch.from_numpy((ramp >> 8).astype(np.float32)) / 127.5 - 1
+    assert torch.allclose(pixels, expected.expand(3, 16, 16))
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":"])
+def test_empty_or_truncated_single_file_is_a_clean_error(tmp_path, content):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(WeightsError, match=r"model.safetensors: not a readable safetensors file"):
+        msd.load_pipeline(path, device="cpu")
+
+
+def test_integer_weights_are_refused_by_name(tmp_path, model):
+    unet_file = model / "unet" / "diffusion_pytorch_model.safetensors"
+    state_dict = read_state_dict(unet_file)
+    state_dict["conv_in.weight"] = state_dict["conv_in.weight"].to(torch.int32)
+    save_file(state_dict, tmp_path / "unet.safetensors")
+    with pytest.raises(WeightsError, match=r"conv_in.weight: file holds torch.int32"):
+        msd.load_pipeline(model, device="cpu", unet=tmp_path / "unet.safetensors")
+
+
+@pytest.mark.parametrize("index, message", [
+    ("{not json", "invalid JSON"),
+    ('{"metadata": {}}', 'no "weight_map"'),
+    ('{"weight_map": ["a"]}', '"weight_map" must map'),
+    ('{"weight_map": {"conv_in.weight": "../outside.safetensors"}}', "outside the model folder"),
+])
+def test_bad_shard_indexes_are_named(tmp_path, index, message):
+    save_file({"x": torch.zeros(1)}, tmp_path / "outside.safetensors")
+    folder = tmp_path / "unet"
+    folder.mkdir()
+    (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(index)
+    with pytest.raises(WeightsError, match=f"diffusion_pytorch_model.safetensors.index.json: .*{message}"):
+        read_state_dict(folder / "diffusion_pytorch_model.safetensors.index.json")
