@@ -1,15 +1,17 @@
 """Resumable generation for evaluate.py: every image it needs is a PNG named by (prompt index, seed) in a model's
-image folder, carrying what made it (prompt, seed, guidance, steps, model) in its text chunk. An image already
-there with the same recipe is reused and only the batches that lack one are generated, so a crashed run of
+image folder, carrying what made it (prompt, seed, guidance, steps, model path and a fingerprint of the model's
+weights) in its text chunk. An image already there with the same recipe is reused (new weights at the same path
+make new images) and only the batches that lack one are generated, so a crashed run of
 thousands of images continues where it stopped, making the batches an uninterrupted run makes (on a deterministic
 device, the same images to the bit); each PNG is written atomically, so a half-written file never counts as done.
 
     jobs = image_jobs(read_prompts("i2p.csv"), Path("results/images/sd14/harmful"), n=1, seed=0, guidance=7.5,
-                      steps=50, model="stable-diffusion-v1-4")
+                      steps=50, model="stable-diffusion-v1-4", weights=fingerprint(pipe))
     generate_missing(pipe, jobs, batch_size=8)    # only what the folder lacks
     images = [read_image(job.path) for job in jobs]
 """
-from dataclasses import dataclass
+import hashlib
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,11 +34,12 @@ class ImageJob:
     guidance: float
     steps: int
     model: str
+    weights: str  # fingerprint(pipe) of the model that makes it
 
     def text(self) -> dict:
         """The PNG text chunk: a cached image is reused only if all of it matches."""
         return {"prompt": self.prompt, "seed": str(self.seed), "guidance": str(self.guidance),
-                "steps": str(self.steps), "model": self.model}
+                "steps": str(self.steps), "model": self.model, "weights": self.weights}
 
     def is_cached(self) -> bool:
         try:
@@ -45,7 +48,22 @@ class ImageJob:
             return False
 
 
-def image_jobs(prompts, folder: Path, n: int, seed: int, guidance: float, steps: int, model) -> list[ImageJob]:
+def fingerprint(pipe) -> str:
+    """SHA-256 over every weight (names, dtypes, shapes, bytes) of the UNet, VAE and text encoder, the scheduler
+    config and the tokenizer's padding: what decides the images besides the recipe. About 1 s a GB of weights."""
+    digest = hashlib.sha256()
+    for part in (pipe.unet, pipe.vae, pipe.text_encoder):
+        for name, tensor in sorted(part.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    digest.update(repr(sorted(asdict(pipe.schedule.config).items())).encode())
+    digest.update(repr(pipe.tokenizer(["fingerprint"]).tolist()).encode())
+    return digest.hexdigest()[:16]
+
+
+def image_jobs(prompts, folder: Path, n: int, seed: int, guidance: float, steps: int, model,
+               weights: str) -> list[ImageJob]:
     """n images a prompt (prompts.Prompt); image j of a prompt gets its row's seed (I2P) or seed + n * index, plus
     j, and its row's guidance or `guidance`."""
     jobs = []
@@ -53,7 +71,7 @@ def image_jobs(prompts, folder: Path, n: int, seed: int, guidance: float, steps:
         first = prompt.seed if prompt.seed is not None else seed + n * prompt.index
         scale = prompt.guidance if prompt.guidance is not None else guidance
         jobs += [ImageJob(Path(folder) / f"{prompt.index:05d}-{first + j}.png", prompt.text, first + j, scale, steps,
-                          str(model)) for j in range(n)]
+                          str(model), weights) for j in range(n)]
     return jobs
 
 

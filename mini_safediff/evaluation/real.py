@@ -19,7 +19,7 @@ from .. import distributed
 from ..images import grid, read_png_text, save_png
 from ..models.pipeline import load_pipeline
 from .clip_vision import load_clip
-from .image_cache import folder_images, generate_missing, image_jobs, read_image
+from .image_cache import fingerprint, folder_images, generate_missing, image_jobs, read_image
 from .metrics import cell, frechet_distance
 from .nudenet import NudityJudge
 from .prompts import read_prompts
@@ -144,9 +144,10 @@ def run_real(args, judges: list, entries: list) -> list:
     jobs = {}
     for name, path in ([] if args.score_dir else entries):
         pipe = load_pipeline(path, device=device)
+        weights = fingerprint(pipe)  # new weights at the same path never reuse old images
         for part, prompts in (("harmful", harmful_prompts or []), ("clean", clean_prompts)):
             jobs[name, part] = image_jobs(prompts, Path(args.out) / "images" / name / part, args.n, args.seed,
-                                          args.guidance, args.steps, path)
+                                          args.guidance, args.steps, path, weights)
             generate_missing(pipe, jobs[name, part], args.batch_size, f"{name} {part}", rank, world_size)
         del pipe
     if ddp:
