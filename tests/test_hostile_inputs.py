@@ -107,3 +107,54 @@ def test_bad_shard_indexes_are_named(tmp_path, index, message):
     (folder / "diffusion_pytorch_model.safetensors.index.json").write_text(index)
     with pytest.raises(WeightsError, match=f"diffusion_pytorch_model.safetensors.index.json: .*{message}"):
         read_state_dict(folder / "diffusion_pytorch_model.safetensors.index.json")
+
+
+def test_a_model_save_that_fails_midway_leaves_the_old_folder_or_nothing(tmp_path, model, monkeypatch):
+    pipe = msd.load_pipeline(model, device="cpu")
+    import mini_safediff.models.pipeline as pipeline_module
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pipeline_module, "save_state_dict", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        pipe.save(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []  # no folder with a model_index.json that looks finished
+    monkeypatch.undo()
+    pipe.save(tmp_path / "model")
+    before = (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    monkeypatch.setattr(pipeline_module, "save_state_dict", full_disk)
+    with pytest.raises(OSError):
+        pipe.save(tmp_path / "model")
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the earlier save stays whole
+    assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
+    monkeypatch.undo()
+    pipe.save(tmp_path / "model")  # and a save over it replaces it
+    assert msd.load_pipeline(tmp_path / "model", device="cpu").unet.config == pipe.unet.config
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "pickle"])
+def test_bad_checkpoints_are_named(tmp_path, content):
+    from mini_safediff.training.checkpoints import load_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    if content == "pickle":
+        torch.save({"unet": {}, "step": 3}, path)  # a dict, but not a train.py / attack.py checkpoint
+        message = "not a train.py / attack.py checkpoint"
+    else:
+        path.write_bytes(content)
+        message = "not a readable checkpoint"
+    with pytest.raises(ValueError, match=f"checkpoint.pt: {message}"):
+        load_checkpoint(path)
+
+
+def test_leftover_temporary_files_are_removed_on_the_next_start(tmp_path):
+    from mini_safediff.training.checkpoints import start_or_resume
+
+    out = tmp_path / "run"
+    (out / ".checkpoint.pt.abc123.tmp").parent.mkdir(parents=True)
+    (out / ".checkpoint.pt.abc123.tmp").write_bytes(b"x" * 100)
+    (out / ".model.xyz.tmp").mkdir()
+    (out / "keep.txt").write_text("mine")
+    unet = torch.nn.Linear(1, 1)
+    start_or_resume(out, False, unet, torch.optim.AdamW(unet.parameters()), torch.Generator())
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "log.jsonl"]

@@ -20,8 +20,8 @@ from .schedule import NoiseSchedule, SchedulerConfig
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel, UNetConfig
 from .vae import AutoencoderKL, VAEConfig
-from .weights import (WeightsError, build_model, find_weights, read_metadata, read_state_dict, save_state_dict,
-                      write_json)
+from .weights import (WeightsError, atomic_folder, build_model, find_weights, read_metadata, read_state_dict,
+                      save_state_dict, write_json)
 
 # The built-in tiny model (diffusers layout) that every script uses when no --model is given.
 BUILTIN_MODEL = Path(__file__).resolve().parents[2] / "weights"
@@ -184,6 +184,10 @@ class Pipeline:
             return
         if path.suffix:
             raise ValueError(f"{path}: save to a folder (diffusers layout) or a .safetensors file (single file)")
+        with atomic_folder(path) as tmp:  # a crash never leaves a folder that looks finished
+            self._write_folder(tmp)
+
+    def _write_folder(self, path: Path) -> None:
         write_json(path / "model_index.json", {
             "_class_name": "StableDiffusionPipeline",
             "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,

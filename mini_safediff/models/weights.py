@@ -7,7 +7,9 @@ first tensor is copied in.
 import json
 import os
 import pickle
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -160,6 +162,38 @@ def atomic_write(path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_folder(path):
+    """Yields a fresh hidden sibling folder to write a whole folder into. On success it takes the place of `path`
+    (a folder already there is removed once the new one is in place); on any failure it is removed and `path` is
+    left as it was. So a crash or a full disk never leaves a half-written folder at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder; this is an ordinary output
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old.tmp"))
+            os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_leftovers(folder) -> list[Path]:
+    """Delete what interrupted atomic writes left in `folder` (hidden `.NAME.*.tmp` files and folders, which can be
+    checkpoint-sized); returns them."""
+    leftovers = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
+    for leftover in leftovers:
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    return leftovers
 
 
 def save_state_dict(state_dict: dict, path, metadata: dict | None = None) -> None:

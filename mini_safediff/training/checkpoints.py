@@ -1,10 +1,11 @@
 """A run's files: the checkpoint (one plain dict, written atomically), log.jsonl, and starting or resuming."""
 import json
+import pickle
 from pathlib import Path
 
 import torch
 
-from ..models.weights import atomic_write
+from ..models.weights import atomic_write, remove_leftovers
 
 
 def save_checkpoint(checkpoint: dict, path) -> None:
@@ -12,8 +13,21 @@ def save_checkpoint(checkpoint: dict, path) -> None:
     atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp))
 
 
+CHECKPOINT_KEYS = ("unet", "optimizer", "generator", "step", "args")  # what every script's checkpoint holds
+
+
 def load_checkpoint(path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The checkpoint dict, or a ValueError naming the file when it is empty, truncated, not ours or needs code."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: not a readable checkpoint, empty, truncated or not written by this project "
+                         f"({reason})") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ValueError(f"{path}: not a train.py / attack.py checkpoint (no {', '.join(missing)})")
+    return checkpoint
 
 
 def read_log(path) -> list:
@@ -38,6 +52,9 @@ def start_or_resume(out: Path, resume: bool, unet, optimizer, generator,
     the checkpoint for the script's own extra state ({} when starting afresh). Under DDP every rank restores;
     only the main process (rank 0) prints and writes."""
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if main_process:
+        for leftover in remove_leftovers(out):
+            print(f"removed {leftover}, left by an interrupted write")
     if resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path)
         unet.load_state_dict(checkpoint["unet"])
