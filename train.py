@@ -54,7 +54,8 @@ def make_parser(argv=None):
     p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
     p.add_argument("--batch-size", type=int, help="the global batch (under torchrun: all processes)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lambda", dest="lam", type=float, metavar="LAMBDA", help="lambda: the weight of the contrastive term")
+    p.add_argument("--lambda", dest="lam", type=float, metavar="LAMBDA",
+                   help="lambda: the weight of the contrastive term")
     p.add_argument("--lambda-contrast", type=float, default=1.0,
                    help="lambda_c: the weight of d_other inside the contrastive term")
     p.add_argument("--margin", type=float, default=0.0, help="l: the margin of the hinge in the contrastive term")

@@ -1,6 +1,7 @@
 """The command-line convention of train.py, attack.py, evaluate.py and sample: repeatable named models, --help
 with every default, presets, the training --dtype and small images saved scaled up."""
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from PIL import Image
 
 from mini_safediff import cli, sample
 from mini_safediff.images import read_png_text, save_grid, save_png
-from mini_safediff.miniature.experiment import MINIATURE_ATTACK, MINIATURE_TRAIN
+from mini_safediff.miniature.experiment import MINIATURE_ATTACK, MINIATURE_TRAIN, SAMPLING_GUIDANCE, SAMPLING_STEPS
+from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attack  # noqa: E402
@@ -100,6 +102,16 @@ def test_training_refuses_float16_by_name(script, capsys):
         script.parse_args(["--dtype", "float16"])
     assert "float16 is refused in training" in capsys.readouterr().err
     assert script.parse_args(["--dtype", "bfloat16"]).dtype == "bfloat16"
+
+
+def test_one_default_of_sampling_steps_and_the_miniatures_own():
+    assert inspect.signature(Pipeline.generate).parameters["steps"].default == DEFAULT_STEPS == 50
+    assert sample.parse_args(["--prompt", "a cat"]).steps == DEFAULT_STEPS
+    real = evaluate.parse_args(["--judge", "nudenet"])
+    assert (real.steps, real.guidance) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (50, 7.5)
+    miniature = evaluate.parse_args([])
+    assert (miniature.steps, miniature.guidance) == (SAMPLING_STEPS, SAMPLING_GUIDANCE) == (20, 5.0)
+    assert evaluate.parse_args(["--steps", "3", "--guidance", "0"]).guidance == 0
 
 
 def test_small_images_are_saved_scaled_up_unless_native_size(tmp_path):
