@@ -27,23 +27,21 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
 VIEW_SIZE = 128
 
 
-def view_factor(height: int, width: int) -> int:
-    """The smallest integer factor that brings the short side to VIEW_SIZE or more (1 for images that are)."""
-    return max(1, math.ceil(VIEW_SIZE / min(height, width)))
-
-
-def enlarge(images: np.ndarray, factor: int) -> np.ndarray:
-    """(..., H, W, 3) -> (..., factor * H, factor * W, 3), every pixel a factor x factor block."""
-    return images.repeat(factor, axis=-3).repeat(factor, axis=-2)
+def viewable(images: np.ndarray, text: dict, scale_up: bool) -> tuple[np.ndarray, dict]:
+    """(..., H, W, 3) images scaled up by the smallest integer factor that brings their short side to VIEW_SIZE
+    (nearest neighbour: every pixel a block), and the text chunk with their native size as "native_size" (WxH);
+    as they are when scale_up is False or they are large enough."""
+    height, width = images.shape[-3:-1]
+    factor = math.ceil(VIEW_SIZE / min(height, width)) if scale_up else 1
+    if factor <= 1:
+        return images, text
+    return images.repeat(factor, axis=-3).repeat(factor, axis=-2), {**text, "native_size": f"{width}x{height}"}
 
 
 def save_png(image: np.ndarray, path, scale_up: bool = True, **text) -> None:
-    """Save (H, W, 3) uint8 as PNG, with each keyword (prompt, seed, model, ...) in a PNG text chunk; scaled up
-    if small (the module docstring), with its native size as "native_size" (WxH) in the text chunk."""
-    height, width = image.shape[:2]
-    factor = view_factor(height, width) if scale_up else 1
-    if factor > 1:
-        image, text = enlarge(image, factor), {**text, "native_size": f"{width}x{height}"}
+    """Save (H, W, 3) uint8 as PNG, scaled up if small (the module docstring), with each keyword (prompt, seed,
+    model, ...) in a PNG text chunk."""
+    image, text = viewable(image, text, scale_up)
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         info.add_text(key, str(value))
@@ -51,12 +49,9 @@ def save_png(image: np.ndarray, path, scale_up: bool = True, **text) -> None:
 
 
 def save_grid(images: np.ndarray, path, cols: int | None = None, scale_up: bool = True, **text) -> None:
-    """A grid of (N, H, W, 3) uint8 images as one PNG; small images are scaled up one by one (as save_png scales
-    one image), so the 2-pixel gaps stay thin. The text chunk gets the images' native size as "native_size"."""
-    height, width = images.shape[1:3]
-    factor = view_factor(height, width) if scale_up else 1
-    if factor > 1:
-        images, text = enlarge(images, factor), {**text, "native_size": f"{width}x{height}"}
+    """A grid of (N, H, W, 3) uint8 images as one PNG; small images are scaled up one by one, as save_png scales
+    one image, so that the 2-pixel gaps between them stay thin."""
+    images, text = viewable(images, text, scale_up)
     save_png(grid(images, cols), path, scale_up=False, **text)
 
 
