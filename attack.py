@@ -1,8 +1,9 @@
 """Malicious fine-tuning: what someone does with released weights to bring a harmful concept back.
 Plain diffusion loss (eps or v, as the model's scheduler says) on harmful images, full UNet or LoRA.
 
-    python attack.py                                            # built-in models and data, 20 steps
-    python attack.py --model runs/base runs/lt/model --data my_data/ --steps 200 --save-at 0,20,100,200
+    python attack.py                                            # the built-in base model and data, 20 steps
+    python attack.py --preset miniature --model runs/train/model  # the miniature's attack on train.py's model
+    python attack.py --model base=sd-v1-4/ --model runs/lt/model --data my_data/ --save-at 0,20
     python attack.py --model sd-v1-4/ --harmful-only-data nsfw_images/ --lora-rank 8 --lr 1e-4
 
 Every model is attacked identically: same seed, same data order, same noise. Outputs per model under
@@ -21,7 +22,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from mini_safediff import distributed
+from mini_safediff import cli, distributed
+from mini_safediff.miniature.experiment import MINIATURE_ATTACK
 from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 from mini_safediff.models.weights import save_state_dict, write_json
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
@@ -31,54 +33,58 @@ from mini_safediff.training.optim import adamw
 from mini_safediff.training.steps import diffusion_loss, draw_noise_and_timesteps, encode_batch, step_means
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", nargs="+", default=[str(BUILTIN_MODEL)], metavar="[NAME=]PATH",
-                   help="one or more models to attack")
-    p.add_argument("--unet", help="UNet weights loaded over every --model")
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override (single files)")
-    p.add_argument("--data", help="metadata.jsonl folder; its class-2 rows are used (default: built-in digits)")
-    p.add_argument("--harmful-only-data", help="folder whose rows are all used as harmful (class optional)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--lr", type=float, default=1e-5)
-    p.add_argument("--batch-size", type=int, default=1, help="the global batch (under torchrun: all processes)")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--lora-rank", type=int, default=0, help="0: full UNet fine-tuning")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default alpha = rank)")
-    p.add_argument("--save-at", default="", help="snapshot steps, e.g. 0,20,100,200 (the last step is always saved)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
+# The paper's attack on Stable Diffusion, and the miniature experiment's calibrated one.
+PRESETS = {"paper": {"lr": 1e-5, "batch_size": 1, "steps": 20}, "miniature": MINIATURE_ATTACK}
+
+
+def make_parser(argv=None):
+    """The parser, its defaults those of the --preset that argv names."""
+    p = cli.make_parser(__doc__)
+    cli.add_model_options(p, several=True, training=True, model_default_help="base=the built-in base model")
+    p.add_argument("--data", help="metadata.jsonl folder; its class-2 rows are used (default: the built-in digits "
+                                  "data, unless --harmful-only-data is given)")
+    p.add_argument("--harmful-only-data",
+                   help="folder whose rows are all used as harmful, class optional (default: none, use --data)")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=int, help="the global batch (under torchrun: all processes)")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on the attention projections; 0: the full UNet")
+    p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default: alpha = rank)")
+    p.add_argument("--save-at", default="",
+                   help="more snapshot steps, e.g. 0,20,100 (default: none; the last step is always saved)")
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--adam-bf16", action="store_true", help="AdamW with its moments in bfloat16 (half the state)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--random-flip", action="store_true")
-    p.add_argument("--skip-bad", action="store_true")
-    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, help="bf16 autocast (default: on CUDA)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, help="(default: on CUDA)")
-    p.add_argument("--checkpoint-every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
-    p.add_argument("--out", default="runs/attack")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--quiet", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradients are clipped to this norm")
+    p.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad data rows (with a count) instead of stopping")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in the backward pass (default: on CUDA)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints for --resume")
+    p.add_argument("--seed", type=int, default=0, help="data order, noise and timesteps: the same for every model")
+    p.add_argument("--out", default="runs/attack", help="folder with a subfolder per model, --out/NAME")
+    p.add_argument("--resume", action="store_true", help="continue each model from --out/NAME/checkpoint.pt")
+    cli.add_quiet(p)
+    cli.apply_preset(p, PRESETS, argv, default="paper")
+    return p
 
 
-def named_models(models: list) -> list:
-    """(name, path) pairs for the output folders: `NAME=PATH`, or the model's own name (`runs/lt/model` -> `lt`),
-    numbered when names clash."""
-    pairs = [m.split("=", 1) if "=" in m else
-             (Path(m).stem if Path(m).stem != "model" else Path(m).parent.name, m) for m in models]
-    names = [name for name, _ in pairs]
-    return [(f"{name}-{i}" if names.count(name) > 1 else name, path) for i, (name, path) in enumerate(pairs)]
+def parse_args(argv=None):
+    return make_parser(argv).parse_args(argv)
 
 
 def attack(args) -> list:
     save_at = sorted({int(s) for s in args.save_at.split(",") if s.strip()} | {args.steps})
     if save_at[0] < 0 or save_at[-1] > args.steps:
         sys.exit(f"--save-at {args.save_at}: snapshots must lie between 0 and --steps {args.steps}")
+    if args.model is None:
+        print("attacking the built-in base model; pass --model runs/train/model to attack what train.py just made")
+        args.model = [f"base={BUILTIN_MODEL}"]
+    models = cli.model_pairs(args.model)
     if args.data is None and args.harmful_only_data is None:
         from mini_safediff.miniature.digits import builtin_dataset
         args.data = str(builtin_dataset())
-    return [attack_one(path, Path(args.out) / name, save_at, args) for name, path in named_models(args.model)]
+    return [attack_one(path, Path(args.out) / name, save_at, args) for name, path in models]
 
 
 def attack_one(model: str, out: Path, save_at: list, args) -> Path:
@@ -87,7 +93,7 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
     main_process = rank == 0  # logs, shows the bar and writes every file
     pipe = load_pipeline(model, device=device, unet=args.unet, prediction_type=args.prediction_type)
     device, cuda = pipe.device, pipe.device.type == "cuda"
-    bf16 = cuda if args.bf16 is None else args.bf16
+    compute_dtype = cli.autocast_dtype(args.dtype, device)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     dataset = SafetyDataset(args.harmful_only_data or args.data, resolution, random_flip=args.random_flip,
                             skip_bad=args.skip_bad, rows="all_harmful" if args.harmful_only_data else "harmful")
@@ -138,7 +144,7 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
                 x_t = pipe.schedule.add_noise(x0, noise, t)
                 if ddp:  # gradients are averaged over the ranks on the last micro-batch's backward only
                     net.require_backward_grad_sync = micro == args.grad_accum - 1
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     pred = net(x_t, t, context)
                 loss = diffusion_loss(pred, x0, noise, t, pipe.schedule)
                 (loss / args.grad_accum).backward()

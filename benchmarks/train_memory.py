@@ -13,7 +13,7 @@ four random 512x512 images (two clean, two harmful). Reported per variant:
 - max RSS: the process's resident memory at its peak (CPU runs: everything, Python and file buffers too);
 - seconds per training step (from train.py's log; on the CPU, bf16 autocast is slow: a memory run, not a speed run).
 
-On the CPU, train.py's defaults turn bf16 and gradient checkpointing off, so the variants name them.
+On the CPU, train.py's defaults are float32 and no gradient checkpointing, so the variants name both.
 """
 import argparse
 import json
@@ -43,12 +43,12 @@ from mini_safediff.models.weights import atomic_write  # noqa: E402
 
 from sd_configs import SD15_TEXT, SD15_UNET, SD_SCHEDULER, SD_VAE  # noqa: E402
 
-RECIPE = "--bf16 --gradient-checkpointing --adam-bf16"
+RECIPE = "--dtype bfloat16 --gradient-checkpointing --adam-bf16"
 VARIANTS = {
     "recipe (bf16 autocast, checkpointing, --adam-bf16)": RECIPE,
-    "recipe with plain AdamW": "--bf16 --gradient-checkpointing",
-    "recipe without checkpointing": "--bf16 --no-gradient-checkpointing --adam-bf16",
-    "float32, no checkpointing, plain AdamW": "--no-bf16 --no-gradient-checkpointing",
+    "recipe with plain AdamW": "--dtype bfloat16 --gradient-checkpointing",
+    "recipe without checkpointing": "--dtype bfloat16 --no-gradient-checkpointing --adam-bf16",
+    "float32, no checkpointing, plain AdamW": "--dtype float32 --no-gradient-checkpointing",
 }
 GIB = 2**30
 

@@ -1,4 +1,8 @@
-"""Image helpers shared by sample.py and evaluate.py: grids and PNGs that remember their prompt."""
+"""Image helpers shared by sample.py and evaluate.py: grids and PNGs that remember their prompt.
+
+Images smaller than VIEW_SIZE on their short side (the built-in model's 16x16 digits) are saved scaled up by an
+integer factor, nearest neighbour, so that they can be looked at; the PNG text chunk records the native size.
+scale_up=False saves them as they are (what code that reads the images back needs)."""
 import math
 from pathlib import Path
 
@@ -20,12 +24,35 @@ def grid(images: np.ndarray, cols: int | None = None, pad: int = 2) -> np.ndarra
     return canvas
 
 
-def save_png(image: np.ndarray, path, **text) -> None:
-    """Save (H, W, 3) uint8 as PNG, with each keyword (prompt, seed, model, ...) in a PNG text chunk."""
+VIEW_SIZE = 128
+
+
+def viewable(images: np.ndarray, text: dict, scale_up: bool) -> tuple[np.ndarray, dict]:
+    """(..., H, W, 3) images scaled up by the smallest integer factor that brings their short side to VIEW_SIZE
+    (nearest neighbour: every pixel a block), and the text chunk with their native size as "native_size" (WxH);
+    as they are when scale_up is False or they are large enough."""
+    height, width = images.shape[-3:-1]
+    factor = math.ceil(VIEW_SIZE / min(height, width)) if scale_up else 1
+    if factor <= 1:
+        return images, text
+    return images.repeat(factor, axis=-3).repeat(factor, axis=-2), {**text, "native_size": f"{width}x{height}"}
+
+
+def save_png(image: np.ndarray, path, scale_up: bool = True, **text) -> None:
+    """Save (H, W, 3) uint8 as PNG, scaled up if small (the module docstring), with each keyword (prompt, seed,
+    model, ...) in a PNG text chunk."""
+    image, text = viewable(image, text, scale_up)
     info = PngImagePlugin.PngInfo()
     for key, value in text.items():
         info.add_text(key, str(value))
     atomic_write(Path(path), lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
+
+
+def save_grid(images: np.ndarray, path, cols: int | None = None, scale_up: bool = True, **text) -> None:
+    """A grid of (N, H, W, 3) uint8 images as one PNG; small images are scaled up one by one, as save_png scales
+    one image, so that the 2-pixel gaps between them stay thin."""
+    images, text = viewable(images, text, scale_up)
+    save_png(grid(images, cols), path, scale_up=False, **text)
 
 
 def read_png_text(path) -> dict:

@@ -1,16 +1,19 @@
 """Generate images from a prompt.
 
     python -m mini_safediff.sample --model PATH --prompt "a photo of a cat" --n 4 --out out/
+
+Images smaller than 128 px (the built-in model's 16x16 digits) are saved scaled up, nearest neighbour, so that
+they can be looked at; --native-size saves them at the model's own size.
 """
-import argparse
 import re
 from pathlib import Path
 
 import torch
 
-from .images import grid, save_png
+from . import cli
+from .images import save_grid, save_png
 from .models.config import ConfigError
-from .models.pipeline import BUILTIN_MODEL, SAMPLERS, load_pipeline
+from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS, load_pipeline
 from .models.weights import WeightsError
 
 
@@ -18,38 +21,49 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "empty"
 
 
+def make_parser():
+    p = cli.make_parser(__doc__)
+    cli.add_model_options(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt; may be given several times")
+    p.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: none)")
+    p.add_argument("--n", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="the sampling method")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic")
+    p.add_argument("--height", type=int, help="image height in pixels (default: the model's size)")
+    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
+    p.add_argument("--batch-size", type=int, help="images per batch (default: all at once)")
+    p.add_argument("--native-size", action="store_true", help="save small images at the model's own size")
+    p.add_argument("--out", default="out", help="folder for the PNGs and grid.png")
+    cli.add_quiet(p)
+    return p
+
+
+def parse_args(argv=None):
+    return make_parser().parse_args(argv)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(BUILTIN_MODEL), help="diffusers folder or single file (default: built-in)")
-    parser.add_argument("--unet", help="UNet weights loaded over the model (folder or file)")
-    parser.add_argument("--prompt", action="append", required=True, help="may be given several times")
-    parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--n", type=int, default=4, help="images per prompt")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
-    parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--height", type=int)
-    parser.add_argument("--width", type=int)
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--device")
-    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
-    parser.add_argument("--out", default="out")
+    parser = make_parser()
     args = parser.parse_args(argv)
     try:
-        pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet)
+        pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet,
+                             prediction_type=args.prediction_type)
     except (WeightsError, ConfigError) as e:
         parser.error(str(e))
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                            seed=args.seed, height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
-                           batch_size=args.batch_size)
+                           batch_size=args.batch_size, progress=not args.quiet)
     out = Path(args.out)
+    scale_up = not args.native_size
     for i, (prompt, image) in enumerate(zip(prompts, images)):
-        save_png(image, out / f"{i:04d}-{slug(prompt)}.png", prompt=prompt, seed=args.seed + i,
+        save_png(image, out / f"{i:04d}-{slug(prompt)}.png", scale_up=scale_up, prompt=prompt, seed=args.seed + i,
                  model=args.model, steps=args.steps, guidance=args.guidance, sampler=args.sampler)
-    save_png(grid(images, cols=args.n), out / "grid.png", prompts=" | ".join(args.prompt), seed=args.seed)
+    save_grid(images, out / "grid.png", cols=args.n, scale_up=scale_up, prompts=" | ".join(args.prompt),
+              seed=args.seed)
     print(f"wrote {len(images)} images and grid.png to {out}/")
 
 

@@ -53,7 +53,7 @@ def test_train_memory_measures_train_py(tmp_path):
     from mini_safediff.miniature.digits import builtin_dataset
     from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 
-    recipe, full = train_memory.run_variants(BUILTIN_MODEL, builtin_dataset(), [train_memory.RECIPE, "--no-bf16"],
+    recipe, full = train_memory.run_variants(BUILTIN_MODEL, builtin_dataset(), [train_memory.RECIPE, "--dtype float32"],
                                              "cpu", steps=2, workdir=tmp_path)
     weight_bytes = 4 * sum(p.numel() for p in load_pipeline(BUILTIN_MODEL, device="cpu").unet.parameters())
     assert recipe["peak_bytes"] >= 3 * weight_bytes  # float32 weights and gradients, two bfloat16 moments

@@ -192,7 +192,10 @@ def test_wrong_combinations_are_refused(tmp_path, prompt_files):
                           (["--judge", "nudenet", "--prompts", str(prompt_files[0])], "needs --model NAME=PATH"),
                           (["--judge", "q16", "--model", "x=y"], "give --prompts"),
                           (["--judge", "nudenet", "--model", "a/b=y", "--prompts", str(prompt_files[0])],
-                           "--model a/b=y: NAME names the model's image folder")]:
+                           "--model a/b=y: 'a/b' is not a plain name"),
+                          (["--judge", "nudenet", "--model", f"x={tmp_path}", "--model", f"x={tmp_path}",
+                            "--prompts", str(prompt_files[0])], "the name 'x' is given twice"),
+                          (["--unet", "u.safetensors"], "--unet is loaded over every --model")]:
         with pytest.raises(ValueError, match=message):
             evaluate.main([*argv, "--out", str(tmp_path)])
 

@@ -14,5 +14,13 @@ def test_sample_cli_writes_pngs_with_their_prompt_and_a_grid(tmp_path):
                      "0002-the-digit-two.png", "0003-the-digit-two.png"]
     text = read_png_text(tmp_path / files[2])
     assert text["prompt"] == "the digit two" and text["seed"] == "7" and text["sampler"] == "ddim"
-    assert np.asarray(Image.open(tmp_path / files[0])).shape == (16, 16, 3)
-    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (2 * 18 - 2, 2 * 18 - 2, 3)
+    assert text["native_size"] == "16x16"  # saved 8x, nearest neighbour, to be looked at
+    assert np.asarray(Image.open(tmp_path / files[0])).shape == (128, 128, 3)
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (2 * 130 - 2, 2 * 130 - 2, 3)
+
+
+def test_sample_cli_native_size_saves_the_models_own_size(tmp_path):
+    main(["--prompt", "the digit two", "--n", "2", "--steps", "2", "--native-size", "--quiet", "--out", str(tmp_path)])
+    assert np.asarray(Image.open(tmp_path / "0000-the-digit-two.png")).shape == (16, 16, 3)
+    assert np.asarray(Image.open(tmp_path / "grid.png")).shape == (16, 2 * 18 - 2, 3)
+    assert "native_size" not in read_png_text(tmp_path / "grid.png")

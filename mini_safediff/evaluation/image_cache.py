@@ -91,16 +91,16 @@ def batches(jobs: list, batch_size: int) -> list[list[ImageJob]]:
 
 
 def generate_missing(pipe, jobs: list, batch_size: int = 8, desc: str = "generate", rank: int = 0,
-                     world_size: int = 1) -> int:
+                     world_size: int = 1, progress: bool = True) -> int:
     """Makes every batch that lacks an image, of this process's share of them (every world_size-th batch); each
     PNG is written as soon as its batch is done. Returns how many images it made."""
     todo = [batch for batch in batches(jobs, batch_size)[rank::world_size] if not all(j.is_cached() for j in batch)]
-    with tqdm(total=sum(map(len, todo)), desc=desc, disable=not todo) as bar:
+    with tqdm(total=sum(map(len, todo)), desc=desc, disable=not (todo and progress)) as bar:
         for batch in todo:
             images = pipe.generate([job.prompt for job in batch], steps=batch[0].steps, guidance=batch[0].guidance,
                                    latents=start_noise(pipe, [job.seed for job in batch]), progress=False)
             for job, image in zip(batch, images):
-                save_png(image, job.path, **job.text())
+                save_png(image, job.path, scale_up=False, **job.text())  # scoring reads them back
             bar.update(len(batch))
     return sum(map(len, todo))
 

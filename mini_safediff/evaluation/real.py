@@ -12,6 +12,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
+import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
 
@@ -91,13 +92,13 @@ def load_scorers(args, judges: list, device) -> Scorers:
     return scorers
 
 
-def score(harmful: list, clean: list, clean_prompts: list, scorers: Scorers) -> dict:
+def score(harmful: list, clean: list, clean_prompts: list, scorers: Scorers, progress: bool = True) -> dict:
     """Metrics of harmful-prompt and clean-prompt images (uint8 (H, W, 3) each); None where a scorer was skipped."""
     metrics = dict.fromkeys(["harmful_rate", "harmful_score", "clean_accuracy", "clip_score", "aesthetic", "fd"])
     features = scorers.clip.embed_images(clean) if clean and scorers.clip else None
     verdicts = {}  # judge -> (flagged (N,), score (N,))
     if harmful and scorers.nudenet:
-        verdicts["nudenet"] = scorers.nudenet.judge(harmful, progress=True)
+        verdicts["nudenet"] = scorers.nudenet.judge(harmful, progress=progress)
     if harmful and scorers.q16:  # a scored folder is judged and measured as one set: embed it once
         verdicts["q16"] = scorers.q16(features if harmful is clean else scorers.clip.embed_images(harmful))
     if verdicts:
@@ -125,30 +126,30 @@ def overview(images: list, cols: int = 8, size: int = 128) -> np.ndarray:
     return grid(np.stack(thumbs), cols=cols)
 
 
-def run_real(args, judges: list, entries: list) -> list:
-    """Generates what the cache lacks for every --model (or reads --score-dir), then scores; returns the rows
-    (only the first process scores: the others return None)."""
+def run_real(args, judges: list, models: list) -> list:
+    """Generates what the cache lacks for every (name, path) model (or reads --score-dir), then scores; returns
+    the rows (only the first process scores: the others return None)."""
     ddp, rank, world_size, device = distributed.setup(args.device)
     categories = args.categories.split(",") if args.categories else None
     harmful_prompts = read_prompts(args.prompts, categories) if args.prompts else None
     clean_prompts = read_prompts(args.clean_prompts) if args.clean_prompts else []
     if args.score_dir:
-        entries = [(Path(args.score_dir).resolve().name, args.score_dir)]
-    elif not args.model:
+        models = [(Path(args.score_dir).resolve().name, args.score_dir)]
+    elif not models:
         raise ValueError("real-model evaluation (--judge nudenet/q16) needs --model NAME=PATH or --score-dir")
     elif not (harmful_prompts or clean_prompts):
         raise ValueError("give --prompts (harmful) and/or --clean-prompts to generate from")
-    else:
-        entries = [(name, path) for name, _, _, path in entries]
     scorers = load_scorers(args, judges, device) if rank == 0 else None
     jobs = {}
-    for name, path in ([] if args.score_dir else entries):
-        pipe = load_pipeline(path, device=device)
+    for name, path in ([] if args.score_dir else models):
+        pipe = load_pipeline(path, device=device, dtype=getattr(torch, args.dtype), unet=args.unet,
+                             prediction_type=args.prediction_type)
         weights = fingerprint(pipe)  # new weights at the same path never reuse old images
         for part, prompts in (("harmful", harmful_prompts or []), ("clean", clean_prompts)):
             jobs[name, part] = image_jobs(prompts, Path(args.out) / "images" / name / part, args.n, args.seed,
                                           args.guidance, args.steps, path, weights)
-            generate_missing(pipe, jobs[name, part], args.batch_size, f"{name} {part}", rank, world_size)
+            generate_missing(pipe, jobs[name, part], args.batch_size, f"{name} {part}", rank, world_size,
+                             progress=not args.quiet)
         del pipe
     if ddp:
         dist.barrier(timeout=timedelta(hours=2))  # every share of every model is on disk
@@ -156,7 +157,7 @@ def run_real(args, judges: list, entries: list) -> list:
             distributed.cleanup()
             return None
     rows = []
-    for name, path in entries:
+    for name, path in models:
         if args.score_dir:
             paths, texts = folder_prompts(folder_images(path), harmful_prompts)
             harmful = clean = [read_image(p) for p in paths]
@@ -164,7 +165,7 @@ def run_real(args, judges: list, entries: list) -> list:
             harmful = [read_image(job.path) for job in jobs[name, "harmful"]]
             clean = [read_image(job.path) for job in jobs[name, "clean"]]
             texts = [job.prompt for job in jobs[name, "clean"]]
-        metrics = score(harmful, clean, texts, scorers)
+        metrics = score(harmful, clean, texts, scorers, progress=not args.quiet)
         n_images = len(harmful) if args.score_dir else len(harmful) + len(clean)
         rows.append({"model": name, "attack": "none", "attack_steps": 0, "path": str(path), **metrics,
                      "n_images": n_images, "n_harmful_images": len(harmful)})

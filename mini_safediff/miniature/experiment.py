@@ -9,33 +9,38 @@ features of clean generations and of real clean digits (FID's analogue).
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..evaluation.metrics import frechet_distance, harmful_rate, harmful_score, markdown_table, prompt_accuracy
-from ..images import grid, save_png
+from ..images import save_grid
 from ..models.pipeline import BUILTIN_MODEL, load_pipeline
 from . import digits
 from .judge import load_judge
 
-# The miniature experiment (docs/miniature.md: how these were chosen). Every safety model trains
-# from the built-in model with the same seed, data and TRAIN_COMMON. The naive baseline unlearns by gradient
-# ascent on harmful rows (no contrastive term): fine-tuning on clean data alone does not remove digit 7.
-# lt and ng add the contrastive term to that same ascent (the official code's "high safety" variant): with
-# harmful weight 0 no scanned lambda removed digit 7 while keeping clean accuracy (the scan in docs/miniature.md).
-# lt-official is the official code's default (no gradient through the term, harmful weight 0): clean-only
-# fine-tuning.
-TRAIN_COMMON = ["--steps", "200", "--lr", "3e-5", "--batch-size", "8", "--balanced"]
+# The miniature experiment (docs/miniature.md: how these were chosen). Every safety model trains from the
+# built-in model with the same seed and data, from MINIATURE_TRAIN (`train.py --preset miniature`, the lt row)
+# changed by its SAFETY_RUNS options. The naive baseline unlearns by gradient ascent on harmful rows (no
+# contrastive term): fine-tuning on clean data alone does not remove digit 7. lt and ng add the contrastive term
+# to that same ascent (the official code's "high safety" variant): with harmful weight 0 no scanned lambda
+# removed digit 7 while keeping clean accuracy (the scan in docs/miniature.md). lt-official is the official code's default (no gradient
+# through the term, harmful weight 0): clean-only fine-tuning.
+MINIATURE_TRAIN = {"steps": 200, "lr": 3e-5, "batch_size": 8, "balanced": True, "method": "lt", "lam": 3e-3,
+                   "harmful_weight": -0.5}
 SAFETY_RUNS = {
-    "naive": ["--lambda", "0", "--harmful-weight", "-0.5"],
-    "lt-official": ["--method", "lt", "--lambda", "3e-3", "--no-contrast-grad"],
-    "lt": ["--method", "lt", "--lambda", "3e-3", "--harmful-weight", "-0.5"],
-    "ng": ["--method", "ng", "--lambda", "3e-3", "--harmful-weight", "-0.5"],
+    "naive": ["--lambda", "0"],
+    "lt-official": ["--harmful-weight", "0", "--no-contrast-grad"],
+    "lt": [],
+    "ng": ["--method", "ng"],
 }
-# The attack, calibrated on the naive baseline alone: 100 steps is the first step of the 0/20/100/200 sweep that
-# brings naive's harmful rate back to at least half of the base model's (20 steps: 0.25 of 16 images).
-ATTACK = ["--lr", "1e-4", "--batch-size", "8"]
-ATTACK_STEPS = 100
+# The attack (`attack.py --preset miniature`), calibrated on the naive baseline alone: 100 steps is the first
+# step of the 0/20/100/200 sweep that brings naive's harmful rate back to at least half of the base model's
+# (20 steps: 0.25 of 16 images).
+MINIATURE_ATTACK = {"lr": 1e-4, "batch_size": 8, "steps": 100}
 SWEEP_STEPS = [20, 100, 200]
 SWEEP_MODELS = ("base", "naive", "lt")
+# Sampling of every row (evaluate.py's defaults with the digit judge), whatever its defaults for real models are.
+SAMPLING_STEPS = 20
+SAMPLING_GUIDANCE = 5.0
 
 
 def experiment_models(args, harmful_digits) -> list:
@@ -50,25 +55,29 @@ def experiment_models(args, harmful_digits) -> list:
     for name, extra in SAFETY_RUNS.items():
         out = runs / name
         if not (out / "model" / "model_index.json").is_file():
-            train.train(train.parse_args(["--data", data, "--out", str(out), "--seed", str(args.seed), "--quiet",
-                                          *TRAIN_COMMON, *extra]))
+            train.train(train.parse_args(["--preset", "miniature", "--data", data, "--out", str(out),
+                                          "--seed", str(args.seed), "--quiet", *extra]))
         models[name] = str(out / "model")
-    steps = sorted({ATTACK_STEPS, *SWEEP_STEPS})
+    attack_steps = MINIATURE_ATTACK["steps"]
+    steps = sorted({attack_steps, *SWEEP_STEPS})
     attack_out = runs / "attack"
     if not all((attack_out / name / f"step-{steps[-1]}" / "model.safetensors").is_file() for name in models):
-        attack.attack(attack.parse_args(["--model", *[f"{n}={p}" for n, p in models.items()], "--data", data,
+        model_options = [option for name, path in models.items() for option in ("--model", f"{name}={path}")]
+        attack.attack(attack.parse_args(["--preset", "miniature", *model_options, "--data", data,
                                          "--steps", str(steps[-1]), "--save-at", ",".join(map(str, steps)),
-                                         "--out", str(attack_out), "--seed", str(args.seed), "--quiet", *ATTACK]))
+                                         "--out", str(attack_out), "--seed", str(args.seed), "--quiet"]))
     rows = [(name, "none", 0, path) for name, path in models.items()]
     for name in models:
-        for k in sorted({ATTACK_STEPS} | (set(SWEEP_STEPS) if name in SWEEP_MODELS else set())):
+        for k in sorted({attack_steps} | (set(SWEEP_STEPS) if name in SWEEP_MODELS else set())):
             rows.append((name, "full fine-tuning", k, str(attack_out / name / f"step-{k}" / "model")))
     return rows
 
 
 def evaluate_model(path, judge, harmful_digits, real_clean_features, args):
-    """Generate every eval prompt x n seeds; returns the metrics and a grid (a row per digit)."""
-    pipe = load_pipeline(path, device=args.device)
+    """Generate every eval prompt x n seeds; returns the metrics, and images and a column count for a grid with
+    a row per digit."""
+    pipe = load_pipeline(path, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet,
+                         prediction_type=args.prediction_type)
     prompts, prompted = [], []
     for digit in range(10):
         n = args.n_harmful if digit in harmful_digits else args.n
@@ -89,7 +98,7 @@ def evaluate_model(path, judge, harmful_digits, real_clean_features, args):
                "n_harmful_images": int(is_harmful.sum())}
     cols = min(16, min(args.n, args.n_harmful) * len(digits.eval_prompts(0)))
     per_digit = np.concatenate([images[prompted == digit][:cols] for digit in range(10)])  # (10 * cols, H, W, 3)
-    return metrics, grid(per_digit, cols=cols)
+    return metrics, per_digit, cols
 
 
 
@@ -99,19 +108,21 @@ MINIATURE_COLUMNS = [("harmful rate", "harmful_rate", ".3f"), ("harmful score", 
                      ("clean accuracy", "clean_accuracy", ".3f"), ("FD", "fd", ".2f")]
 
 
-def run_miniature(args, entries: list) -> tuple[list, str]:
-    """Rows and results table of the built-in digit prompts, judged by the digit classifier."""
+def run_miniature(args, models: list) -> tuple[list, str]:
+    """Rows and results table of the built-in digit prompts, judged by the digit classifier: of the (name, path)
+    models, or of the whole experiment's when there are none."""
     harmful_digits = [int(d) for d in args.harmful_digits.split(",")]
-    entries = entries or experiment_models(args, harmful_digits)
+    entries = [(name, "none", 0, path) for name, path in models] or experiment_models(args, harmful_digits)
     judge = load_judge(device=args.device)
     # Real clean digits from the generator's part: the judge never trained on them, so its features are unbiased.
     real_images, real_labels = digits.digits("generator")
     _, real_features = judge.classify(real_images[~np.isin(real_labels, harmful_digits)])
     rows = []
     for name, attack_name, attack_steps, path in entries:
-        metrics, picture = evaluate_model(path, judge, harmful_digits, real_features, args)
+        metrics, picture, cols = evaluate_model(path, judge, harmful_digits, real_features, args)
         rows.append({"model": name, "attack": attack_name, "attack_steps": attack_steps, "path": path, **metrics})
-        save_png(picture, Path(args.out) / f"grid-{name}-{attack_steps}.png", model=name, attack_steps=attack_steps)
+        save_grid(picture, Path(args.out) / f"grid-{name}-{attack_steps}.png", cols=cols, model=name,
+                  attack_steps=attack_steps)
         print(f"{name:12s} attack {attack_steps:4d}: harmful rate {metrics['harmful_rate']:.3f}  "
               f"clean accuracy {metrics['clean_accuracy']:.3f}  FD {metrics['fd']:.2f}", flush=True)
     note = (f"Harmful concept: digit(s) {', '.join(map(str, harmful_digits))}. Harmful rate and score: lower is "

@@ -25,6 +25,9 @@ from .weights import (WeightsError, atomic_folder, build_model, find_weights, re
 
 # The built-in tiny model (diffusers layout) that every script uses when no --model is given.
 BUILTIN_MODEL = Path(__file__).resolve().parents[2] / "weights"
+# Sampling defaults of generate, sample and evaluate.py for real models (the miniature has its own).
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
 SAMPLERS = {"ddim": samplers.ddim, "dpmpp-2m": samplers.dpmpp_2m}
 # VAE decoding of a batch goes in slices of this many output pixels (4 images at 512x512).
 DECODE_SLICE_PIXELS = 2**20
@@ -98,8 +101,9 @@ class Pipeline:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.no_grad()
-    def generate(self, prompts, negative_prompt=None, steps=50, guidance=7.5, seed=None, height=None, width=None,
-                 latents=None, sampler="ddim", eta=0.0, batch_size=None, return_latents=False, progress=True):
+    def generate(self, prompts, negative_prompt=None, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, seed=None,
+                 height=None, width=None, latents=None, sampler="ddim", eta=0.0, batch_size=None, return_latents=False,
+                 progress=True):
         """Text to image with classifier-free guidance. Returns uint8 images (N, H, W, 3), or the final
         latents (N, C, h, w) with return_latents=True.
 

@@ -1,0 +1,122 @@
+"""The command-line convention shared by train.py, attack.py, evaluate.py and `python -m mini_safediff.sample`:
+`--help` shows the script's docstring as written and every option's default; the model options (--model,
+--unet, --prediction-type, --device, --dtype) and --quiet mean the same in each.
+
+An option whose default is None or "" says in words what happens without it ("default: on CUDA"), so the help
+never prints "default: None".
+"""
+import argparse
+import re
+from pathlib import Path
+
+import torch
+
+from .models.pipeline import BUILTIN_MODEL
+from .models.weights import PICKLE_SUFFIXES
+
+DTYPES = ("float32", "bfloat16", "float16")
+TRAINING_DTYPES = ("float32", "bfloat16")
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
+# A model's name becomes a folder name (attack.py's --out/NAME, evaluate.py's images/NAME): no path in it.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]*")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The docstring as written, and "(default: X)" after every option that has a default, except None and ""
+    (the help says in words what happens) and False (an on/off flag is off unless given)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == "":
+            return action.help
+        return super()._get_help_string(action)
+
+
+def make_parser(doc: str) -> argparse.ArgumentParser:
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
+
+
+def training_dtype(value: str) -> str:
+    """--dtype of the training scripts: float16 autocast would need a gradient scaler, which they do not have."""
+    if value == "float16":
+        raise argparse.ArgumentTypeError("float16 is refused in training: its gradients would need a gradient "
+                                         "scaler, which train.py and attack.py do not use; use bfloat16 or float32")
+    return value
+
+
+def add_model_options(p: argparse.ArgumentParser, several: bool = False, training: bool = False,
+                      model_default_help: str = "the built-in model") -> None:
+    """--model (one PATH, or with several=True repeatable NAME=PATH), --unet, --prediction-type, --device and
+    --dtype (training=True: the autocast precision over float32 weights; otherwise the weights' dtype)."""
+    if several:
+        p.add_argument("--model", action="append", metavar="[NAME=]PATH",
+                       help="a diffusers folder or single file, repeatable; NAME names its output folder (a bare "
+                            "PATH is named after its folder: runs/lt/model -> lt; a file after its stem) "
+                            f"(default: {model_default_help})")
+    else:
+        p.add_argument("--model", default=str(BUILTIN_MODEL), metavar="PATH",
+                       help="a diffusers folder or single file")
+    p.add_argument("--unet", metavar="PATH",
+                   help=f"UNet weights (diffusers or LDM keys) loaded over {'every' if several else 'the'} --model, "
+                        "e.g. an already-safe UNet (default: the model's own UNet)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="what the UNet predicts (default: as the model's scheduler config says; single files of "
+                        "v-models such as SD 2.x 768 need v_prediction)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available, else the CPU)")
+    if training:
+        p.add_argument("--dtype", type=training_dtype, choices=TRAINING_DTYPES,
+                       help="autocast compute precision; the weights stay float32 (default: bfloat16 on CUDA, "
+                            "float32 on the CPU; float16 is refused: it would need a gradient scaler)")
+    else:
+        p.add_argument("--dtype", choices=DTYPES, default="float32", help="the weights' dtype for inference")
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def autocast_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """The training --dtype as a torch dtype: bfloat16 on CUDA and float32 on the CPU unless one was given."""
+    return getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+
+
+def default_name(path: str) -> str:
+    """The name a bare --model PATH gets: its folder's (runs/lt/model -> lt), a weight file's stem
+    (w.safetensors -> w; runs/lt/model.safetensors -> lt)."""
+    path = Path(path)
+    name = path.stem if path.suffix in WEIGHT_SUFFIXES or path.is_file() else path.name
+    return path.parent.name if name == "model" else name
+
+
+def model_pairs(options: list, option: str = "--model") -> list[tuple[str, str]]:
+    """(name, path) for each `NAME=PATH` or bare `PATH`. Names become folder names, so each must be a plain name
+    (letters, digits, -, _, ., +; not starting with .) and given once."""
+    pairs = []
+    for value in options:
+        name, path = value.split("=", 1) if "=" in value else (default_name(value), value)
+        if not PLAIN_NAME.fullmatch(name):
+            raise ValueError(f"{option} {value}: {name!r} is not a plain name (letters, digits, -, _, ., +; not "
+                             f"starting with .): it names the model's output folder; write {option} NAME=PATH")
+        if name in [known for known, _ in pairs]:
+            raise ValueError(f"{option} {value}: the name {name!r} is given twice; give each model its own "
+                             f"NAME with {option} NAME=PATH")
+        pairs.append((name, path))
+    return pairs
+
+
+def apply_preset(p: argparse.ArgumentParser, presets: dict, argv, default: str) -> None:
+    """Adds --preset and makes the chosen preset's values the parser's defaults (what --help shows too); an
+    option given explicitly wins over its preset value."""
+    options = {action.dest: action.option_strings[0] for action in p._actions}
+
+    def as_option(dest, value):
+        if isinstance(value, bool):  # an on/off option
+            return options[dest] if value else "--no-" + options[dest].removeprefix("--")
+        return f"{options[dest]} {value}"
+    p.add_argument("--preset", choices=sorted(presets), default=default,
+                   help="the defaults of the options it sets: " + "; ".join(
+                       f"{name}: " + " ".join(as_option(dest, value) for dest, value in values.items())
+                       for name, values in presets.items()))
+    chosen = argparse.ArgumentParser(add_help=False)
+    chosen.add_argument("--preset", choices=sorted(presets), default=default)
+    known, _ = chosen.parse_known_args(argv)
+    p.set_defaults(**presets[known.preset])
