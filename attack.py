@@ -13,7 +13,6 @@ log.jsonl, attack.json (every hyperparameter and the data files used), lora.safe
     torchrun --nproc_per_node 4 attack.py --batch-size 8 ...  # DDP: the same weights as one process, faster
 """
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,6 +27,7 @@ from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 from mini_safediff.models.weights import save_state_dict, write_json
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
 from mini_safediff.training.data import SafetyDataset, load_batch
+from mini_safediff.training.guard import StopRequest, all_finite, divergence, last_good
 from mini_safediff.training.lora import add_lora, lora_state_dict, merged_state_dict
 from mini_safediff.training.optim import adamw
 from mini_safediff.training.steps import diffusion_loss, draw_noise_and_timesteps, encode_batch, step_means
@@ -45,25 +45,27 @@ def make_parser(argv=None):
                                   "data, unless --harmful-only-data is given)")
     p.add_argument("--harmful-only-data",
                    help="folder whose rows are all used as harmful, class optional (default: none, use --data)")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--lr", type=float, help="AdamW learning rate")
-    p.add_argument("--batch-size", type=int, help="the global batch (under torchrun: all processes)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA on the attention projections; 0: the full UNet")
-    p.add_argument("--lora-alpha", type=float, help="LoRA scale is alpha / rank (default: alpha = rank)")
+    p.add_argument("--steps", type=cli.positive_int, help="optimizer steps")
+    p.add_argument("--lr", type=cli.positive_float, help="AdamW learning rate")
+    p.add_argument("--batch-size", type=cli.positive_int, help="the global batch (under torchrun: all processes)")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lora-rank", type=cli.natural_int, default=0, help="LoRA on the attention projections; 0: the full UNet")
+    p.add_argument("--lora-alpha", type=cli.positive_float, help="LoRA scale is alpha / rank (default: alpha = rank)")
     p.add_argument("--save-at", default="",
                    help="more snapshot steps, e.g. 0,20,100 (default: none; the last step is always saved)")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--adam-bf16", action="store_true", help="AdamW with its moments in bfloat16 (half the state)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradients are clipped to this norm")
+    p.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradients are clipped to this norm")
     p.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
     p.add_argument("--skip-bad", action="store_true", help="skip bad data rows (with a count) instead of stopping")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in the backward pass (default: on CUDA)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints for --resume")
+    p.add_argument("--checkpoint-every", type=cli.positive_int, default=50, help="steps between checkpoints for --resume")
     p.add_argument("--seed", type=int, default=0, help="data order, noise and timesteps: the same for every model")
     p.add_argument("--out", default="runs/attack", help="folder with a subfolder per model, --out/NAME")
     p.add_argument("--resume", action="store_true", help="continue each model from --out/NAME/checkpoint.pt")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="with --resume: continue even where settings that define the run differ from the checkpoint's")
     cli.add_quiet(p)
     cli.apply_preset(p, PRESETS, argv, default="paper")
     return p
@@ -104,7 +106,8 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
         unet.requires_grad_(True).parameters())
     optimizer = adamw(params, args.lr, args.weight_decay, bf16_state=args.adam_bf16)
     generator = torch.Generator().manual_seed(args.seed)  # the same stream for every attacked model
-    step, _ = start_or_resume(out, args.resume, unet, optimizer, generator, main_process)
+    step, restored = start_or_resume(out, args.resume, unet, optimizer, generator, main_process,
+                                     settings=vars(args), allow_changed=args.allow_changed_settings)
     net = DDP(unet, device_ids=[device] if cuda else None) if ddp else unet  # DDP averages the gradients
     if main_process:
         write_json(out / "attack.json", {
@@ -117,10 +120,12 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
             print(f"warning: {out} also holds {', '.join(stale)} from an earlier run, not from this one",
                   file=sys.stderr)
 
-    def checkpoint():
+    def checkpoint(at_step, rng):
+        """The state at the start of step `at_step`: weights and optimizer now, the generator as it was then."""
         if main_process:
-            save_checkpoint({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
-                             "generator": generator.get_state(), "step": step, "args": vars(args)}, checkpoint_path)
+            save_checkpoint({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(), "generator": rng,
+                             "step": at_step, "args": vars(args)}, checkpoint_path)
+        return at_step
 
     if main_process:
         print(f"attacking {model} on {len(dataset)} harmful rows, {args.steps} steps, "
@@ -128,12 +133,18 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
               + (f", {world_size} processes" if ddp else ""))
     bar = tqdm(total=args.steps, initial=step, disable=args.quiet or not main_process, desc=f"attack {out.name}")
     started = time.time()
-    try:
+    saved_step = step if restored else None  # the step of the last checkpoint that holds a good state
+    due = False  # a checkpoint falls due at this boundary; written once this step's weights prove finite
+    with StopRequest() as stop:
         while True:
             if step in save_at and main_process:  # rewritten, not skipped: an earlier run may have left other weights
+                if not all_finite(params):
+                    sys.exit(f"{out.name} step {step}: the weights are not finite; snapshot not saved. "
+                             f"{last_good(checkpoint_path, saved_step)}")
                 save_snapshot(pipe, out / f"step-{step}", args.lora_rank)
             if step == args.steps:
                 break
+            rng = generator.get_state()
             micro_stats = []
             for micro in range(args.grad_accum):
                 batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed,
@@ -150,10 +161,13 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
                 (loss / args.grad_accum).backward()
                 micro_stats.append({"loss": loss.item()})
             stats = step_means(micro_stats, ddp, device)
-            if not math.isfinite(stats["loss"]):  # the same on every rank: all stop before the step
-                sys.exit(f"{out.name} step {step}: the loss is {stats['loss']}. Stopped; the last good "
-                         f"checkpoint is {checkpoint_path}. Try a smaller --lr.")
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm).item()
+            problem = divergence(stats["loss"], grad_norm)  # the same on every rank: all stop before the update
+            if problem:
+                sys.exit(f"{out.name} step {step}: {problem}. Stopped before the update; "
+                         f"{last_good(checkpoint_path, saved_step)}. Try a smaller --lr.")
+            if due:  # this step's weights gave a finite loss and gradient: keep them
+                saved_step, due = checkpoint(step, rng), False
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
@@ -163,13 +177,15 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
                           append=True)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            if step % args.checkpoint_every == 0:
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        sys.exit(f"\ninterrupted at step {step}: saved {checkpoint_path}; continue with --resume")
+            due = due or step % args.checkpoint_every == 0
+            if stop.agreed(ddp, device) and step < args.steps:
+                if not all_finite(params):
+                    sys.exit(f"\nstopped at step {step}: the weights are not finite, not saved; "
+                             f"{last_good(checkpoint_path, saved_step)}")
+                checkpoint(step, generator.get_state())
+                sys.exit(f"\nstopped at step {step}: saved {checkpoint_path}; continue with --resume")
     bar.close()
-    checkpoint()
+    checkpoint(step, generator.get_state())
     if main_process:
         if args.lora_rank:
             save_state_dict(lora_state_dict(unet), out / "lora.safetensors")
@@ -194,7 +210,7 @@ def save_snapshot(pipe, folder: Path, lora_rank: int):
 if __name__ == "__main__":
     try:
         attack(parse_args())
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, a full or read-only disk: one line
         sys.exit(f"attack.py: {e}")
     finally:
         distributed.cleanup()

@@ -22,6 +22,7 @@ in --out/images/<model>/ and reused, so an interrupted run continues where it st
 `torchrun --nproc_per_node N evaluate.py ...` the processes share the generation and the first one scores.
 Outputs in --out: results.json, results.md and one grid PNG per row.
 """
+import argparse
 import sys
 from pathlib import Path
 
@@ -33,12 +34,21 @@ from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from mini_safediff.models.weights import write_json
 
 
+def digit_list(value: str) -> str:
+    """An argparse type: comma-separated digits 0-9, at least one clean digit left over."""
+    digits = [d.strip() for d in value.split(",")]
+    if not all(d in [str(k) for k in range(10)] for d in digits) or len(set(digits)) == 10:
+        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated digits from 0 to 9, not all ten")
+    return ",".join(digits)
+
+
 def make_parser():
     p = cli.make_parser(__doc__)
     cli.add_model_options(p, several=True, model_default_help="none: run the whole miniature experiment")
     p.add_argument("--judge", default="digits",
                    help="digits (the miniature's), or for real models nudenet, q16 or nudenet,q16 (flagged by either)")
-    p.add_argument("--harmful-digits", default="7", help="comma-separated digits that play the harmful concept")
+    p.add_argument("--harmful-digits", type=digit_list, default="7",
+                   help="comma-separated digits (0-9, not all ten) that play the harmful concept")
     p.add_argument("--prompts", help="harmful prompts: a text file (one a line), a CSV with a prompt column, or "
                                      "I2P's CSV (default: none; the digit judge has its own prompts)")
     p.add_argument("--categories", help="comma-separated: keep only --prompts rows of these categories, I2P "
@@ -55,18 +65,18 @@ def make_parser():
     p.add_argument("--reference", help="a folder of real images: the Frechet distance is measured to them "
                                        "(default: none, FD shows n/a)")
     p.add_argument("--threshold", type=float, default=0.45, help="NudeNet: flag at this exposed-class score")
-    p.add_argument("--n", "--images-per-prompt", type=int, default=8,  # torchrun takes --n for its own --nnodes
+    p.add_argument("--n", "--images-per-prompt", type=cli.positive_int, default=8,  # torchrun takes --n for its own --nnodes
                    help="images per prompt (each prompt template x digit)")
-    p.add_argument("--n-harmful", type=int, default=32,
+    p.add_argument("--n-harmful", type=cli.positive_int, default=32,
                    help="miniature: images per harmful-digit prompt (more than --n: the harmful rate is the headline)")
-    p.add_argument("--steps", type=int, help=f"DDIM steps (default: {DEFAULT_STEPS}; the built-in miniature "
+    p.add_argument("--steps", type=cli.positive_int, help=f"DDIM steps (default: {DEFAULT_STEPS}; the built-in miniature "
                                              f"experiment: {SAMPLING_STEPS})")
     p.add_argument("--guidance", type=float,
                    help=f"classifier-free guidance scale; an I2P row's own guidance wins (default: {DEFAULT_GUIDANCE}; "
                         f"the built-in miniature experiment: {SAMPLING_GUIDANCE:g})")
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i gets seed + n * i + j; an I2P row's "
                                                        "own seed wins")
-    p.add_argument("--batch-size", type=int, default=8, help="images per generation batch (real models)")
+    p.add_argument("--batch-size", type=cli.positive_int, default=8, help="images per generation batch (real models)")
     p.add_argument("--runs", default="runs", help="where the experiment's training and attack runs live")
     p.add_argument("--out", default="results", help="folder for results.json, results.md, grids and images")
     cli.add_quiet(p)
@@ -111,5 +121,5 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, a full or read-only disk: one line
         sys.exit(f"evaluate.py: {e}")

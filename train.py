@@ -17,7 +17,6 @@ centres are summed over the ranks. Rank 0 alone logs and writes; --resume works 
 """
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from mini_safediff.miniature.experiment import MINIATURE_TRAIN
 from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
 from mini_safediff.training.data import SafetyDataset, load_batch
+from mini_safediff.training.guard import StopRequest, all_finite, divergence, last_good
 from mini_safediff.training.optim import EMA, adamw, lr_at
 from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch, step_means
 
@@ -48,12 +48,12 @@ def make_parser(argv=None):
     cli.add_model_options(p, training=True)
     p.add_argument("--data", help="metadata.jsonl folder (default: the built-in digits data)")
     p.add_argument("--method", choices=["lt", "ng"], help="lt: latent transformation, ng: noise guidance")
-    p.add_argument("--steps", type=int, help="optimizer steps")
-    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--steps", type=cli.positive_int, help="optimizer steps")
+    p.add_argument("--lr", type=cli.positive_float, help="AdamW learning rate")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after the warmup")
-    p.add_argument("--warmup", type=int, default=0, help="steps of linear learning-rate warmup")
-    p.add_argument("--batch-size", type=int, help="the global batch (under torchrun: all processes)")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup", type=cli.natural_int, default=0, help="steps of linear learning-rate warmup")
+    p.add_argument("--batch-size", type=cli.positive_int, help="the global batch (under torchrun: all processes)")
+    p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lambda", dest="lam", type=float, metavar="LAMBDA",
                    help="lambda: the weight of the contrastive term")
     p.add_argument("--lambda-contrast", type=float, default=1.0,
@@ -65,18 +65,20 @@ def make_parser(argv=None):
     p.add_argument("--no-contrast-grad", action="store_true", help="official code: contrastive term without gradient")
     p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     p.add_argument("--adam-bf16", action="store_true", help="AdamW with its moments in bfloat16 (half the state)")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradients are clipped to this norm")
-    p.add_argument("--ema", type=float, default=0.0, help="EMA decay of the saved weights (0: off)")
+    p.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradients are clipped to this norm")
+    p.add_argument("--ema", type=cli.decay, default=0.0, help="EMA decay of the saved weights (0: off)")
     p.add_argument("--balanced", action=argparse.BooleanOptionalAction,
                    help="alternate clean and harmful rows (or draw batches at random)")
     p.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
     p.add_argument("--skip-bad", action="store_true", help="skip bad data rows (with a count) instead of stopping")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in the backward pass (default: on CUDA)")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints for --resume")
+    p.add_argument("--checkpoint-every", type=cli.positive_int, default=50, help="steps between checkpoints for --resume")
     p.add_argument("--seed", type=int, default=0, help="data order, VAE posterior samples, noise and timesteps")
     p.add_argument("--out", default="runs/train", help="folder for the model, checkpoint and log")
     p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="with --resume: continue even where settings that define the run differ from the checkpoint's")
     cli.add_quiet(p)
     cli.apply_preset(p, PRESETS, argv, default="paper")
     return p
@@ -111,19 +113,25 @@ def train(args) -> Path:
     latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
     centres = ContrastiveCentres(latent_shape, generator, sum_over_ranks=ddp)
     ema = EMA(unet, args.ema) if args.ema else None
-    step, restored = start_or_resume(out, args.resume, unet, optimizer, generator, main_process)
+    step, restored = start_or_resume(out, args.resume, unet, optimizer, generator, main_process,
+                                     settings=vars(args), allow_changed=args.allow_changed_settings)
     if restored:
         centres.load_state_dict(restored["centres"])
         if ema:
             ema.load_state_dict(restored["ema"])
     net = DDP(unet, device_ids=[device] if cuda else None) if ddp else unet  # DDP averages the gradients
 
-    def checkpoint():
+    def checkpoint(at_step, rng, centre_state):
+        """The state at the start of step `at_step`: the weights and optimizer now, the generator and centres as
+        they were before that step drew from them."""
         if main_process:
             save_checkpoint({"unet": unet.state_dict(), "optimizer": optimizer.state_dict(),
-                             "centres": centres.state_dict(), "generator": generator.get_state(),
-                             "ema": ema.state_dict() if ema else None, "step": step, "args": vars(args)},
-                            checkpoint_path)
+                             "centres": centre_state, "generator": rng, "ema": ema.state_dict() if ema else None,
+                             "step": at_step, "args": vars(args)}, checkpoint_path)
+        return at_step
+
+    def boundary():  # everything a checkpoint of the current step boundary holds besides weights and optimizer
+        return generator.get_state(), {key: value.clone() for key, value in centres.state_dict().items()}
 
     if main_process:
         if args.preset == "paper" and Path(args.model).resolve() == BUILTIN_MODEL:
@@ -135,8 +143,11 @@ def train(args) -> Path:
               f"device {device}" + (f", {world_size} processes" if ddp else ""))
     bar = tqdm(total=args.steps, initial=step, disable=args.quiet or not main_process, desc=f"train {args.method}")
     started = time.time()
-    try:
+    saved_step = step if restored else None  # the step of the last checkpoint that holds a good state
+    due = False  # a checkpoint falls due at this boundary; written once this step's weights prove finite
+    with StopRequest() as stop:
         while step < args.steps:
+            rng, centre_state = boundary()
             lr = lr_at(step, args.lr, args.steps, args.lr_schedule, args.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -157,10 +168,13 @@ def train(args) -> Path:
                 (loss / args.grad_accum).backward()
                 micro_stats.append(stats)
             stats = step_means(micro_stats, ddp, device)
-            if not math.isfinite(stats["loss"]):  # the same on every rank: all stop before the step
-                sys.exit(f"step {step}: the loss is {stats['loss']} ({stats}). Stopped; the last good "
-                         f"checkpoint is {checkpoint_path}. Try a smaller --lr or --lambda.")
             grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm).item()
+            problem = divergence(stats["loss"], grad_norm)  # the same on every rank: all stop before the update
+            if problem:
+                sys.exit(f"step {step}: {problem} ({stats}). Stopped before the update; "
+                         f"{last_good(checkpoint_path, saved_step)}. Try a smaller --lr or --lambda.")
+            if due:  # this step's weights gave a finite loss and gradient: keep them
+                saved_step, due = checkpoint(step, rng, centre_state), False
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema:
@@ -172,13 +186,17 @@ def train(args) -> Path:
             bar.update(1)
             bar.set_postfix(mse=f"{stats['mse']:.4f}", con=f"{stats['contrastive']:.1f}",
                             d_own=f"{stats['d_own']:.1f}", d_other=f"{stats['d_other']:.1f}")
-            if step % args.checkpoint_every == 0:
-                checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        sys.exit(f"\ninterrupted at step {step}: saved {checkpoint_path}; continue with --resume")
+            due = due or step % args.checkpoint_every == 0
+            if stop.agreed(ddp, device) and step < args.steps:
+                if not all_finite(unet.parameters()):
+                    sys.exit(f"\nstopped at step {step}: the weights are not finite, not saved; "
+                             f"{last_good(checkpoint_path, saved_step)}")
+                checkpoint(step, *boundary())
+                sys.exit(f"\nstopped at step {step}: saved {checkpoint_path}; continue with --resume")
     bar.close()
-    checkpoint()
+    if not all_finite(unet.parameters()):
+        sys.exit(f"step {step}: the weights are not finite; nothing saved. {last_good(checkpoint_path, saved_step)}")
+    checkpoint(step, *boundary())
 
     if ema:
         unet.load_state_dict(ema.shadow)
@@ -196,7 +214,7 @@ def train(args) -> Path:
 if __name__ == "__main__":
     try:
         train(parse_args())
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # bad input, a missing file, a full or read-only disk: one line
         sys.exit(f"train.py: {e}")
     finally:
         distributed.cleanup()

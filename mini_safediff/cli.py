@@ -31,6 +31,53 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def positive_int(value: str) -> int:
+    """An argparse type: an integer >= 1 (steps, batch sizes, image counts, intervals)."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
+    return number
+
+
+def natural_int(value: str) -> int:
+    """An argparse type: an integer >= 0 (warmup steps, LoRA rank where 0 means off)."""
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    """An argparse type: a finite number > 0 (learning rates, norms)."""
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
+    return number
+
+
+def decay(value: str) -> float:
+    """An argparse type: an EMA decay in [0, 1) (0: off)."""
+    number = float(value)
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1) (0: off), got {value}")
+    return number
+
+
+def device(value: str) -> str:
+    """An argparse type: a device torch knows and this machine has."""
+    try:
+        parsed = torch.device(value)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a device ({e})") from None
+    if parsed.type == "cuda" and (not torch.cuda.is_available()
+                                  or (parsed.index or 0) >= torch.cuda.device_count()):
+        raise argparse.ArgumentTypeError(f"{value}: no such CUDA device on this machine "
+                                         f"({torch.cuda.device_count()} found)")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{value}: choose cpu, cuda or cuda:N")
+    return value
+
+
 def make_parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
@@ -61,7 +108,7 @@ def add_model_options(p: argparse.ArgumentParser, several: bool = False, trainin
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="what the UNet predicts (default: as the model's scheduler config says; single files of "
                         "v-models such as SD 2.x 768 need v_prediction)")
-    p.add_argument("--device", help="cpu, cuda or cuda:N (default: CUDA when available, else the CPU)")
+    p.add_argument("--device", type=device, help="cpu, cuda or cuda:N (default: CUDA when available, else the CPU)")
     if training:
         p.add_argument("--dtype", type=training_dtype, choices=TRAINING_DTYPES,
                        help="autocast compute precision; the weights stay float32 (default: bfloat16 on CUDA, "

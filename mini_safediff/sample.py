@@ -6,15 +6,14 @@ Images smaller than 128 px (the built-in model's 16x16 digits) are saved scaled 
 they can be looked at; --native-size saves them at the model's own size.
 """
 import re
+import sys
 from pathlib import Path
 
 import torch
 
 from . import cli
 from .images import save_grid, save_png
-from .models.config import ConfigError
 from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS, load_pipeline
-from .models.weights import WeightsError
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -26,15 +25,15 @@ def make_parser():
     cli.add_model_options(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt; may be given several times")
     p.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: none)")
-    p.add_argument("--n", type=int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="sampler steps")
+    p.add_argument("--n", type=cli.positive_int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=cli.positive_int, default=DEFAULT_STEPS, help="sampler steps")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="the sampling method")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic")
-    p.add_argument("--height", type=int, help="image height in pixels (default: the model's size)")
-    p.add_argument("--width", type=int, help="image width in pixels (default: the model's size)")
-    p.add_argument("--batch-size", type=int, help="images per batch (default: all at once)")
+    p.add_argument("--height", type=cli.positive_int, help="image height in pixels (default: the model's size)")
+    p.add_argument("--width", type=cli.positive_int, help="image width in pixels (default: the model's size)")
+    p.add_argument("--batch-size", type=cli.positive_int, help="images per batch (default: all at once)")
     p.add_argument("--native-size", action="store_true", help="save small images at the model's own size")
     p.add_argument("--out", default="out", help="folder for the PNGs and grid.png")
     cli.add_quiet(p)
@@ -46,13 +45,9 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    parser = make_parser()
-    args = parser.parse_args(argv)
-    try:
-        pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet,
-                             prediction_type=args.prediction_type)
-    except (WeightsError, ConfigError) as e:
-        parser.error(str(e))
+    args = parse_args(argv)
+    pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet,
+                         prediction_type=args.prediction_type)
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                            seed=args.seed, height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
@@ -68,4 +63,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError) as e:  # bad input or weights, a missing file, a full or read-only disk: one line
+        sys.exit(f"sample: {e}")

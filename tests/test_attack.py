@@ -71,9 +71,11 @@ def test_snapshots_equal_separate_shorter_runs(model, tmp_path, capsys):
         assert all(torch.equal(got[k], expected[k]) for k in expected)
     record = json.loads((tmp_path / "long" / "ours" / "attack.json").read_text())
     assert record["hyperparameters"]["lr"] == 1e-3 and record["files"] == ["0.png", "1.png", "2.png"]
+    with pytest.raises(ValueError, match="holds an earlier run"):  # a new run never mixes with an old one
+        run([model], data, tmp_path / "long", "--steps", "2", *common)
     capsys.readouterr()
-    run([model], data, tmp_path / "long", "--steps", "2", *common)  # a new run into the same folder
-    assert "also holds step-0, step-4 from an earlier run" in capsys.readouterr().err
+    run([model], data, tmp_path / "long", "--steps", "6", "--save-at", "6", "--resume", *common)
+    assert "also holds step-0, step-2, step-4 from an earlier run" in capsys.readouterr().err
 
 
 def test_every_model_sees_the_same_data_and_noise(model, tmp_path):

@@ -84,16 +84,16 @@ def test_preset_miniature_sets_the_calibrated_values_and_explicit_options_win():
 
 
 def test_paper_preset_on_the_built_in_model_says_it_changes_nothing_visible(tmp_path, capsys):
-    args = train.parse_args(["--steps", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path)])
+    args = train.parse_args(["--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")])
     train.train(args)
     out = capsys.readouterr().out
     assert "--preset paper" in out and "--preset miniature" in out
 
 
 def test_attack_names_the_built_in_base_model_it_attacks_by_default(tmp_path, capsys):
-    attack.attack(attack.parse_args(["--steps", "0", "--device", "cpu", "--quiet", "--out", str(tmp_path)]))
+    attack.attack(attack.parse_args(["--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path)]))
     assert "attacking the built-in base model; pass --model runs/train/model" in capsys.readouterr().out
-    assert (tmp_path / "base" / "step-0" / "model" / "model_index.json").is_file()
+    assert (tmp_path / "base" / "step-1" / "model" / "model_index.json").is_file()
 
 
 @pytest.mark.parametrize("script", [train, attack], ids=["train", "attack"])

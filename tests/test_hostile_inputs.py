@@ -128,8 +128,11 @@ def test_a_model_save_that_fails_midway_leaves_the_old_folder_or_nothing(tmp_pat
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # the earlier save stays whole
     assert (tmp_path / "model" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == before
     monkeypatch.undo()
-    pipe.save(tmp_path / "model")  # and a save over it replaces it
+    (tmp_path / "model" / "README.md").write_text("mine")
+    pipe.save(tmp_path / "model")  # a save over it replaces what it writes and keeps other files
     assert msd.load_pipeline(tmp_path / "model", device="cpu").unet.config == pipe.unet.config
+    assert (tmp_path / "model" / "README.md").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "pickle"])

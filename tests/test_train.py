@@ -88,7 +88,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, tmp_path):
     run(model, data, tmp_path / "out", "--steps", "2")
     good = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     with pytest.raises(SystemExit, match=r"step 2: the loss is nan .* last good checkpoint"):
-        run(model, data, tmp_path / "out", "--steps", "4", "--resume", "--lambda", "nan")
+        run(model, data, tmp_path / "out", "--steps", "4", "--resume", "--lambda", "nan", "--allow-changed-settings")
     kept = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert kept["step"] == 2
     assert all(torch.equal(good["unet"][k], kept["unet"][k]) for k in good["unet"])

@@ -188,7 +188,7 @@ class Pipeline:
             return
         if path.suffix:
             raise ValueError(f"{path}: save to a folder (diffusers layout) or a .safetensors file (single file)")
-        with atomic_folder(path) as tmp:  # a crash never leaves a folder that looks finished
+        with atomic_folder(path, marker="model_index.json") as tmp:  # a crash never leaves a finished-looking folder
             self._write_folder(tmp)
 
     def _write_folder(self, path: Path) -> None:

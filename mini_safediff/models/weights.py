@@ -165,23 +165,24 @@ def atomic_write(path, write) -> None:
 
 
 @contextmanager
-def atomic_folder(path):
-    """Yields a fresh hidden sibling folder to write a whole folder into. On success it takes the place of `path`
-    (a folder already there is removed once the new one is in place); on any failure it is removed and `path` is
-    left as it was. So a crash or a full disk never leaves a half-written folder at `path`."""
+def atomic_folder(path, marker: str):
+    """Yields a fresh hidden sibling folder to write a whole folder into; on success its entries replace those of
+    the same name in `path`, `marker` (e.g. model_index.json) last and after the old marker was removed first.
+    Files of other names in `path` are kept. A crash or full disk while writing leaves `path` as it was; a crash
+    while moving leaves it without `marker`, which says "unfinished"."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         yield tmp
-        os.chmod(tmp, 0o755)  # mkdtemp makes an owner-only folder; this is an ordinary output
-        old = None
-        if path.exists():
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old.tmp"))
-            os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        path.mkdir(exist_ok=True)
+        (path / marker).unlink(missing_ok=True)
+        for entry in sorted(tmp.iterdir(), key=lambda entry: entry.name == marker):
+            target = path / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        tmp.rmdir()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -45,25 +45,52 @@ def write_log(path, rows: list, append: bool = False) -> None:
         atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
 
 
-def start_or_resume(out: Path, resume: bool, unet, optimizer, generator,
-                    main_process: bool = True) -> tuple[int, dict]:
+# Options that may differ between a run and its --resume: those that do not change which weights a step computes,
+# and --steps, since running on to more steps is what resuming is for (a cosine schedule then stretches).
+NOT_DEFINING = {"out", "resume", "allow_changed_settings", "quiet", "device", "checkpoint_every", "preset",
+                "save_at", "steps"}
+
+
+def changed_settings(saved: dict, now: dict) -> list[str]:
+    """The settings that define the run and differ between the checkpoint's args and this run's."""
+    keys = (saved.keys() | now.keys()) - NOT_DEFINING
+    return [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now"
+            for key in sorted(keys) if saved.get(key) != now.get(key)]
+
+
+def start_or_resume(out: Path, resume: bool, unet, optimizer, generator, main_process: bool = True,
+                    settings: dict | None = None, allow_changed: bool = False) -> tuple[int, dict]:
     """Step 0 with a fresh log; or, with `resume` and a checkpoint in `out`, the checkpoint's step, with the UNet,
     the optimizer and the generator restored and the log cut back to that step. Returns (step, checkpoint),
     the checkpoint for the script's own extra state ({} when starting afresh). Under DDP every rank restores;
-    only the main process (rank 0) prints and writes."""
+    only the main process (rank 0) prints and writes.
+
+    settings: this run's arguments; resuming refuses when those that define the run differ from the checkpoint's
+    (unless allow_changed), and a fresh run refuses an `out` that holds an earlier run's checkpoint (a new log
+    beside an old checkpoint would mix two runs)."""
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
     if main_process:
         for leftover in remove_leftovers(out):
             print(f"removed {leftover}, left by an interrupted write")
     if resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path)
+        changed = changed_settings(checkpoint["args"], settings) if settings is not None else []
+        if changed and not allow_changed:
+            raise ValueError(f"{checkpoint_path} was written with other settings; resume with the same ones (or "
+                             "pass --allow-changed-settings):\n  " + "\n  ".join(changed))
         unet.load_state_dict(checkpoint["unet"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         generator.set_state(checkpoint["generator"])
         if main_process:
             write_log(log_path, [row for row in read_log(log_path) if row["step"] <= checkpoint["step"]])
-            print(f"resumed from {checkpoint_path} at step {checkpoint['step']}")
+            print(f"resumed from {checkpoint_path} at step {checkpoint['step']}"
+                  + (" with changed settings:\n  " + "\n  ".join(changed) if changed else ""))
         return checkpoint["step"], checkpoint
+    if checkpoint_path.exists():
+        raise ValueError(f"--out {out} holds an earlier run ({checkpoint_path.name}): continue it with --resume, "
+                         "or choose another --out (or delete it)")
     if main_process:
         if resume:
             print(f"--resume: no {checkpoint_path} yet, starting from step 0")
