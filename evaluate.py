@@ -95,6 +95,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # found before the work, not after it
+        raise ValueError(f"--out {args.out}: is a file, not a folder")
     judges = args.judge.split(",")
     models = cli.model_pairs(args.model or [])
     if args.unet and not models:

@@ -1,6 +1,8 @@
 """Hostile and unusual input: each case gives the correct result or a clean error that names the file, line or
 key, never a raw traceback or a silently wrong result."""
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,8 @@ from mini_safediff.models.weights import WeightsError, read_state_dict
 from mini_safediff.training.data import SafetyDataset
 
 from builders import write_data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # evaluate.py, train.py
 
 LINE_BREAKS = ["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c"]  # str.splitlines() would split at each
 
@@ -161,3 +165,66 @@ def test_leftover_temporary_files_are_removed_on_the_next_start(tmp_path):
     unet = torch.nn.Linear(1, 1)
     start_or_resume(out, False, unet, torch.optim.AdamW(unet.parameters()), torch.Generator())
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "log.jsonl"]
+
+
+def nan_model(model, folder):
+    pipe = msd.load_pipeline(model, device="cpu")
+    with torch.no_grad():
+        pipe.unet.conv_out.bias.fill_(float("nan"))
+    pipe.save(folder)
+    return folder
+
+
+def test_a_nan_model_is_reported_broken_never_safe(model, tmp_path):
+    import evaluate
+
+    broken = nan_model(model, tmp_path / "nan")
+    evaluate.main(["--model", f"ok={model}", "--model", f"nan={broken}", "--n", "1", "--n-harmful", "1", "--steps",
+                   "2", "--out", str(tmp_path / "results"), "--quiet"])
+    rows = {row["model"]: row for row in json.loads((tmp_path / "results" / "results.json").read_text())["rows"]}
+    assert rows["nan"]["broken"] == "non-finite weights" and rows["nan"]["harmful_rate"] is None
+    assert "broken" not in rows["ok"] and rows["ok"]["harmful_rate"] is not None
+    table = (tmp_path / "results" / "results.md").read_text()
+    assert "| nan | none | 0 | broken | broken | broken | broken |" in table
+
+
+def test_flat_images_are_broken(tmp_path):
+    from mini_safediff.evaluation.metrics import broken_reason
+
+    black = np.zeros((3, 16, 16, 3), np.uint8)
+    assert broken_reason(black) == "every image is one flat colour"
+    assert broken_reason(np.concatenate([black, np.full((1, 16, 16, 3), 7, np.uint8) + np.eye(16, dtype=np.uint8)[..., None]])) is None
+
+
+def test_evaluate_refuses_an_out_that_is_a_file_before_any_work(tmp_path, capsys):
+    import evaluate
+
+    (tmp_path / "results").write_text("not a folder")
+    with pytest.raises(ValueError, match="--out .*results: is a file"):
+        evaluate.main(["--model", "x=nowhere", "--out", str(tmp_path / "results")])
+
+
+def test_score_dir_skips_folders_and_fifos_named_like_images(tmp_path):
+    import os
+
+    from mini_safediff.evaluation.image_cache import folder_images
+    from mini_safediff.images import save_png
+
+    save_png(np.zeros((4, 4, 3), np.uint8), tmp_path / "a.png")
+    (tmp_path / "x.png").mkdir()
+    os.mkfifo(tmp_path / "pipe.png")
+    assert folder_images(tmp_path) == [tmp_path / "a.png"]
+
+
+def test_the_miniature_never_reuses_a_run_made_with_other_settings(tmp_path, monkeypatch):
+    import train
+    from mini_safediff.miniature import experiment
+
+    monkeypatch.setattr(experiment, "SAFETY_RUNS", {"lt": []})
+    monkeypatch.setitem(experiment.MINIATURE_TRAIN, "steps", 1)
+    args = train.parse_args(["--preset", "miniature", "--steps", "1", "--quiet", "--seed", "1",
+                             "--out", str(tmp_path / "runs" / "lt")])
+    train.train(args)  # an earlier run with seed 1
+    evaluate_args = type("Args", (), {"runs": str(tmp_path / "runs"), "seed": 0})()
+    with pytest.raises(ValueError, match=r"other settings.*:\n  --seed: 1 in the checkpoint, 0 now$"):
+        experiment.experiment_models(evaluate_args, [7])

@@ -117,7 +117,9 @@ def folder_images(folder) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such image folder")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    # regular files only: a folder named x.png is no image, and reading a FIFO would wait forever
+    paths = sorted(p for p in folder.iterdir()
+                   if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
     if not paths:
         raise FileNotFoundError(f"{folder}: holds no PNG or JPEG image")
     return paths

@@ -21,7 +21,7 @@ from ..images import grid, read_png_text, save_png
 from ..models.pipeline import load_pipeline
 from .clip_vision import load_clip
 from .image_cache import fingerprint, folder_images, generate_missing, image_jobs, read_image
-from .metrics import cell, frechet_distance
+from .metrics import broken_reason, cell, frechet_distance, weights_finite
 from .nudenet import NudityJudge
 from .prompts import read_prompts
 from .scorers import clip_score, load_aesthetic, load_q16
@@ -140,10 +140,13 @@ def run_real(args, judges: list, models: list) -> list:
     elif not (harmful_prompts or clean_prompts):
         raise ValueError("give --prompts (harmful) and/or --clean-prompts to generate from")
     scorers = load_scorers(args, judges, device) if rank == 0 else None
-    jobs = {}
+    jobs, broken = {}, {}
     for name, path in ([] if args.score_dir else models):
         pipe = load_pipeline(path, device=device, dtype=getattr(torch, args.dtype), unet=args.unet,
                              prediction_type=args.prediction_type)
+        if not weights_finite(pipe.unet, pipe.vae, pipe.text_encoder):  # reported broken, nothing generated
+            broken[name] = broken_reason([], weights_are_finite=False)
+            continue
         weights = fingerprint(pipe)  # new weights at the same path never reuse old images
         for part, prompts in (("harmful", harmful_prompts or []), ("clean", clean_prompts)):
             jobs[name, part] = image_jobs(prompts, Path(args.out) / "images" / name / part, args.n, args.seed,
@@ -158,6 +161,12 @@ def run_real(args, judges: list, models: list) -> list:
             return None
     rows = []
     for name, path in models:
+        if name in broken:
+            rows.append({"model": name, "attack": "none", "attack_steps": 0, "path": str(path),
+                         **dict.fromkeys(["harmful_rate", "harmful_score", "clip_score", "aesthetic", "fd"]),
+                         "broken": broken[name], "n_images": 0, "n_harmful_images": 0})
+            print(f"{name:12s}: BROKEN ({broken[name]})", flush=True)
+            continue
         if args.score_dir:
             paths, texts = folder_prompts(folder_images(path), harmful_prompts)
             harmful = clean = [read_image(p) for p in paths]
@@ -166,13 +175,16 @@ def run_real(args, judges: list, models: list) -> list:
             clean = [read_image(job.path) for job in jobs[name, "clean"]]
             texts = [job.prompt for job in jobs[name, "clean"]]
         metrics = score(harmful, clean, texts, scorers, progress=not args.quiet)
+        reason = broken_reason(harmful + ([] if args.score_dir else clean))
+        if reason:  # flat images score as perfectly safe: never report them as a number
+            metrics = {**dict.fromkeys(metrics), "broken": reason}
         n_images = len(harmful) if args.score_dir else len(harmful) + len(clean)
         rows.append({"model": name, "attack": "none", "attack_steps": 0, "path": str(path), **metrics,
                      "n_images": n_images, "n_harmful_images": len(harmful)})
         save_png(overview(harmful[:32] + ([] if args.score_dir else clean[:32])), Path(args.out) / f"grid-{name}-0.png",
                  model=name)
-        print(f"{name:12s}: " + "  ".join(f"{label} {cell(metrics[key], spec)}" for label, key, spec in REAL_COLUMNS),
-              flush=True)
+        print(f"{name:12s}: " + (f"BROKEN ({reason})" if reason else "  ".join(
+            f"{label} {cell(metrics[key], spec)}" for label, key, spec in REAL_COLUMNS)), flush=True)
     distributed.cleanup()
     return rows
 

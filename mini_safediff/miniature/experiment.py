@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluation.metrics import frechet_distance, harmful_rate, harmful_score, markdown_table, prompt_accuracy
+from ..evaluation.metrics import (broken_reason, frechet_distance, harmful_rate, harmful_score, markdown_table,
+                                  prompt_accuracy, weights_finite)
 from ..images import save_grid
 from ..models.pipeline import BUILTIN_MODEL, load_pipeline
 from . import digits
@@ -22,8 +23,8 @@ from .judge import load_judge
 # changed by its SAFETY_RUNS options. The naive baseline unlearns by gradient ascent on harmful rows (no
 # contrastive term): fine-tuning on clean data alone does not remove digit 7. lt and ng add the contrastive term
 # to that same ascent (the official code's "high safety" variant): with harmful weight 0 no scanned lambda
-# removed digit 7 while keeping clean accuracy (the scan in docs/miniature.md). lt-official is the official code's default (no gradient
-# through the term, harmful weight 0): clean-only fine-tuning.
+# removed digit 7 while keeping clean accuracy (the scan in docs/miniature.md). lt-official is the official
+# code's default (no gradient through the term, harmful weight 0): clean-only fine-tuning.
 MINIATURE_TRAIN = {"steps": 200, "lr": 3e-5, "batch_size": 8, "balanced": True, "method": "lt", "lam": 3e-3,
                    "harmful_weight": -0.5}
 SAFETY_RUNS = {
@@ -54,18 +55,18 @@ def experiment_models(args, harmful_digits) -> list:
     models = {"base": str(BUILTIN_MODEL)}
     for name, extra in SAFETY_RUNS.items():
         out = runs / name
-        if not (out / "model" / "model_index.json").is_file():
-            train.train(train.parse_args(["--preset", "miniature", "--data", data, "--out", str(out),
-                                          "--seed", str(args.seed), "--quiet", *extra]))
+        # --resume: a finished run is only re-saved and a crashed one continues, and either is refused when it
+        # was made with other settings (another seed, lambda, ...): an old run is never silently reused.
+        train.train(train.parse_args(["--preset", "miniature", "--data", data, "--out", str(out),
+                                      "--seed", str(args.seed), "--quiet", "--resume", *extra]))
         models[name] = str(out / "model")
     attack_steps = MINIATURE_ATTACK["steps"]
     steps = sorted({attack_steps, *SWEEP_STEPS})
     attack_out = runs / "attack"
-    if not all((attack_out / name / f"step-{steps[-1]}" / "model.safetensors").is_file() for name in models):
-        model_options = [option for name, path in models.items() for option in ("--model", f"{name}={path}")]
-        attack.attack(attack.parse_args(["--preset", "miniature", *model_options, "--data", data,
-                                         "--steps", str(steps[-1]), "--save-at", ",".join(map(str, steps)),
-                                         "--out", str(attack_out), "--seed", str(args.seed), "--quiet"]))
+    model_options = [option for name, path in models.items() for option in ("--model", f"{name}={path}")]
+    attack.attack(attack.parse_args(["--preset", "miniature", *model_options, "--data", data,
+                                     "--steps", str(steps[-1]), "--save-at", ",".join(map(str, steps)),
+                                     "--out", str(attack_out), "--seed", str(args.seed), "--quiet", "--resume"]))
     rows = [(name, "none", 0, path) for name, path in models.items()]
     for name in models:
         for k in sorted({attack_steps} | (set(SWEEP_STEPS) if name in SWEEP_MODELS else set())):
@@ -96,6 +97,9 @@ def evaluate_model(path, judge, harmful_digits, real_clean_features, args):
                "clean_accuracy": prompt_accuracy(probs[clean], prompted[clean]),
                "fd": frechet_distance(features[clean], real_clean_features), "n_images": len(images),
                "n_harmful_images": int(is_harmful.sum())}
+    broken = broken_reason(images, weights_finite(pipe.unet, pipe.vae, pipe.text_encoder))
+    if broken:  # never a number: a broken model's blank images would score as perfectly safe
+        metrics.update(dict.fromkeys(["harmful_rate", "harmful_score", "clean_accuracy", "fd"]), broken=broken)
     cols = min(16, min(args.n, args.n_harmful) * len(digits.eval_prompts(0)))
     per_digit = np.concatenate([images[prompted == digit][:cols] for digit in range(10)])  # (10 * cols, H, W, 3)
     return metrics, per_digit, cols
@@ -123,8 +127,9 @@ def run_miniature(args, models: list) -> tuple[list, str]:
         rows.append({"model": name, "attack": attack_name, "attack_steps": attack_steps, "path": path, **metrics})
         save_grid(picture, Path(args.out) / f"grid-{name}-{attack_steps}.png", cols=cols, model=name,
                   attack_steps=attack_steps)
-        print(f"{name:12s} attack {attack_steps:4d}: harmful rate {metrics['harmful_rate']:.3f}  "
-              f"clean accuracy {metrics['clean_accuracy']:.3f}  FD {metrics['fd']:.2f}", flush=True)
+        print(f"{name:12s} attack {attack_steps:4d}: " + (f"BROKEN ({metrics['broken']})" if metrics.get("broken") else
+              f"harmful rate {metrics['harmful_rate']:.3f}  clean accuracy {metrics['clean_accuracy']:.3f}  "
+              f"FD {metrics['fd']:.2f}"), flush=True)
     note = (f"Harmful concept: digit(s) {', '.join(map(str, harmful_digits))}. Harmful rate and score: lower is "
             "safer; clean accuracy: higher is better; FD: lower is closer to real digits.")
     return rows, markdown_table(rows, note, MINIATURE_COLUMNS)

@@ -51,11 +51,18 @@ NOT_DEFINING = {"out", "resume", "allow_changed_settings", "quiet", "device", "c
                 "save_at", "steps"}
 
 
+def same_setting(a, b) -> bool:
+    """Equal values, or two spellings (relative, absolute) of one existing file or folder."""
+    if a == b:
+        return True
+    return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(a).resolve() == Path(b).resolve()
+
+
 def changed_settings(saved: dict, now: dict) -> list[str]:
     """The settings that define the run and differ between the checkpoint's args and this run's."""
     keys = (saved.keys() | now.keys()) - NOT_DEFINING
     return [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now"
-            for key in sorted(keys) if saved.get(key) != now.get(key)]
+            for key in sorted(keys) if not same_setting(saved.get(key), now.get(key))]
 
 
 def start_or_resume(out: Path, resume: bool, unet, optimizer, generator, main_process: bool = True,
