@@ -9,5 +9,6 @@ from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
 from .models.weights import WeightsError
 
-__all__ = ["AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer", "NoiseSchedule", "Pipeline",
-           "SchedulerConfig", "UNet2DConditionModel", "UNetConfig", "VAEConfig", "WeightsError", "load_pipeline"]
+__all__ = ["AutoencoderKL", "CLIPTextConfig", "CLIPTextModel", "CLIPTextModelWithProjection", "CLIPTokenizer",
+           "NoiseSchedule", "Pipeline", "SchedulerConfig", "UNet2DConditionModel", "UNetConfig", "VAEConfig",
+           "WeightsError", "load_pipeline"]

@@ -286,7 +286,8 @@ def test_full_size_sdxl_layouts_on_meta():
         assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in tensors.items()}
         assert_config_matches(config, {**models[name], **published[name]})
     theirs = {"unet": convert_ldm_unet_checkpoint(ldm, dict(unet.config)),
-              "vae": convert_ldm_vae_checkpoint(ldm, dict(vae.config)), "text_encoder": convert_ldm_clip_checkpoint(ldm),
+              "vae": convert_ldm_vae_checkpoint(ldm, dict(vae.config)),
+              "text_encoder": convert_ldm_clip_checkpoint(ldm),
               "text_encoder_2": convert_open_clip_checkpoint(text_2, ldm, prefix="conditioner.embedders.1.model.")}
     for name, tensors in reference.items():
         assert {k: v.shape for k, v in theirs[name].items()} == {k: v.shape for k, v in tensors.items()}

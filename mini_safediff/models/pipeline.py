@@ -236,7 +236,8 @@ class Pipeline:
         if self.is_sdxl:
             encoders.append(("text_encoder_2", self.text_encoder_2, "CLIPTextModelWithProjection"))
         if path.suffix == ".safetensors":
-            text_kind = "sdxl" if self.is_sdxl else "openclip" if self.text_encoder.config.hidden_act == "gelu" else "clip"
+            openclip = self.text_encoder.config.hidden_act == "gelu"
+            text_kind = "sdxl" if self.is_sdxl else "openclip" if openclip else "clip"
             state_dict = ldm.diffusers_to_ldm(self.unet.state_dict(), self.vae.state_dict(),
                                               self.text_encoder.state_dict(), text_kind,
                                               self.text_encoder_2.state_dict() if self.is_sdxl else None)
