@@ -149,14 +149,14 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
             for micro in range(args.grad_accum):
                 batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed,
                                    rank=rank, world_size=world_size)
-                x0, context = encode_batch(pipe, batch, generator, rank, world_size)
+                x0, context, added = encode_batch(pipe, batch, generator, rank, world_size)
                 noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator, rank,
                                                     world_size)
                 x_t = pipe.schedule.add_noise(x0, noise, t)
                 if ddp:  # gradients are averaged over the ranks on the last micro-batch's backward only
                     net.require_backward_grad_sync = micro == args.grad_accum - 1
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    pred = net(x_t, t, context)
+                    pred = net(x_t, t, context, **added)
                 loss = diffusion_loss(pred, x0, noise, t, pipe.schedule)
                 (loss / args.grad_accum).backward()
                 micro_stats.append({"loss": loss.item()})

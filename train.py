@@ -155,7 +155,7 @@ def train(args) -> Path:
             for micro in range(args.grad_accum):
                 batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed, args.balanced,
                                    rank, world_size)
-                x0, context = encode_batch(pipe, batch, generator, rank, world_size)
+                x0, context, added = encode_batch(pipe, batch, generator, rank, world_size)
                 noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator, rank,
                                                     world_size)
                 harmful = batch["harmful"].to(device)
@@ -163,7 +163,7 @@ def train(args) -> Path:
                 if ddp:  # gradients are averaged over the ranks on the last micro-batch's backward only
                     net.require_backward_grad_sync = micro == args.grad_accum - 1
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    pred = net(x_t, t, context)
+                    pred = net(x_t, t, context, **added)
                 loss, stats = safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
                 (loss / args.grad_accum).backward()
                 micro_stats.append(stats)

@@ -24,7 +24,9 @@ def make_parser():
     p = cli.make_parser(__doc__)
     cli.add_model_options(p)
     p.add_argument("--prompt", action="append", required=True, help="a prompt; may be given several times")
-    p.add_argument("--negative-prompt", default="", help="what guidance steers away from (default: none)")
+    p.add_argument("--negative-prompt",
+                   help="what guidance steers away from (default: none: SD 1/2 guide away from the empty prompt, "
+                        "SDXL from zero embeddings, as diffusers does)")
     p.add_argument("--n", type=cli.positive_int, default=4, help="images per prompt")
     p.add_argument("--steps", type=cli.positive_int, default=DEFAULT_STEPS, help="sampler steps")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")

@@ -16,6 +16,14 @@ def model(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory):
+    """A tiny random SDXL-style model saved by us in the diffusers layout."""
+    folder = tmp_path_factory.mktemp("sdxl-model") / "ours"
+    tiny_pipeline("sdxl").save(folder)
+    return folder
+
+
 @pytest.fixture(autouse=True)
 def work_in_tmp(tmp_path, monkeypatch):
     """Every test runs in its own temporary folder: what a script writes relative to where it is started

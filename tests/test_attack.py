@@ -30,9 +30,9 @@ def loss_on(folder, data) -> float:
     pipe = msd.load_pipeline(folder, device="cpu")
     batch = load_batch(SafetyDataset(data, 16, rows="all_harmful"), 32, 0, seed=0)
     generator = torch.Generator().manual_seed(123)
-    x0, context = encode_batch(pipe, batch, generator)
+    x0, context, added = encode_batch(pipe, batch, generator)
     noise, t = draw_noise_and_timesteps(x0, 1000, generator)
-    return diffusion_loss(pipe.unet(pipe.schedule.add_noise(x0, noise, t), t, context), x0, noise, t,
+    return diffusion_loss(pipe.unet(pipe.schedule.add_noise(x0, noise, t), t, context, **added), x0, noise, t,
                           pipe.schedule).item()
 
 
@@ -95,3 +95,18 @@ def test_every_model_sees_the_same_data_and_noise(model, tmp_path):
     together = msd.load_pipeline(tmp_path / "both" / "other" / "step-3" / "model").unet.state_dict()
     alone = msd.load_pipeline(tmp_path / "alone" / "other" / "step-3" / "model").unet.state_dict()
     assert all(torch.equal(together[k], alone[k]) for k in alone)
+
+
+@pytest.mark.parametrize("mode", [[], ["--lora-rank", "2"]], ids=["full", "lora"])
+def test_sdxl_attack_runs_and_resumes_exactly(sdxl_model, tmp_path, mode):
+    """Two steps on a tiny SDXL model, straight and as 1 + 1 with a resume: the same weights, which moved."""
+    data = write_data(tmp_path / "data", [2, 2, 2])
+    common = ["--lr", "1e-3", "--batch-size", "2", "--checkpoint-every", "1", *mode]
+    straight = run([sdxl_model], data, tmp_path / "straight", "--steps", "2", *common)[0]
+    run([sdxl_model], data, tmp_path / "resumed", "--steps", "1", *common)
+    resumed = run([sdxl_model], data, tmp_path / "resumed", "--steps", "2", "--resume", *common)[0]
+    straight, resumed = (msd.load_pipeline(folder, device="cpu") for folder in (straight, resumed))
+    assert resumed.is_sdxl
+    before, a, b = (pipe.unet.state_dict() for pipe in (msd.load_pipeline(sdxl_model, device="cpu"), straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(before[k], a[k]) for k in a)

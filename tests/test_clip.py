@@ -7,11 +7,12 @@ from oracles import oracle  # noqa: I001
 oracle("transformers")  # every test here compares with transformers
 from transformers import CLIPTextConfig as RefCLIPTextConfig
 from transformers import CLIPTextModel as RefCLIPTextModel
+from transformers import CLIPTextModelWithProjection as RefCLIPTextModelWithProjection
 
-from mini_safediff.models.clip import CLIPTextConfig, CLIPTextModel
+from mini_safediff.models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from mini_safediff.models.config import ConfigError, config_from_dict, read_config
 
-from sd_configs import SD15_TEXT, SD21_TEXT
+from sd_configs import SD15_TEXT, SD21_TEXT, SDXL_TEXT, SDXL_TEXT_2
 
 BOS, EOS = 49406, 49407
 
@@ -21,8 +22,9 @@ def rel_err(ours, ref):
 
 
 def with_prefix(state_dict: dict) -> dict:
-    """transformers 5 saves keys without the `text_model.` level that published SD files have."""
-    return {key if key.startswith("text_model.") else f"text_model.{key}": value for key, value in state_dict.items()}
+    """transformers 5 saves CLIPTextModel's keys without the `text_model.` level that published SD files have."""
+    return {key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}": value
+            for key, value in state_dict.items()}
 
 
 def saved_pair(folder, hidden_act):
@@ -39,20 +41,58 @@ def saved_pair(folder, hidden_act):
     return ours.eval(), ref
 
 
-@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
-@torch.no_grad()
-def test_last_hidden_state_equals_transformers(tmp_path, hidden_act):
-    ours, ref = saved_pair(tmp_path, hidden_act)
+def token_ids():
     words = torch.randint(0, BOS, (3, 75), generator=torch.Generator().manual_seed(1))
     ids = torch.cat([torch.full((3, 1), BOS), words, torch.full((3, 1), EOS)], dim=1)  # (3, 77)
     ids[0, 5:] = EOS  # SD 1 pads with <|endoftext|>
     ids[1, 9] = EOS
-    ids[1, 10:] = 0  # SD 2 pads with "!" (id 0)
+    ids[1, 10:] = 0  # SD 2 and SDXL's second tokenizer pad with "!" (id 0)
+    return ids
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+@torch.no_grad()
+def test_last_hidden_state_equals_transformers(tmp_path, hidden_act):
+    ours, ref = saved_pair(tmp_path, hidden_act)
+    ids = token_ids()
     hidden = ours(ids)
     assert hidden.shape == (3, 77, 32)
     assert rel_err(hidden, ref(ids).last_hidden_state) < 1e-4
     short = ids[:, :12]  # fewer than 77 tokens use the first position embeddings
     assert rel_err(ours(short), ref(short).last_hidden_state) < 1e-4
+
+
+@torch.no_grad()
+def test_penultimate_hidden_states_equal_transformers(tmp_path):
+    """SDXL's context: hidden_states[-2] of the text model, from the same pass as the last hidden state."""
+    ours, ref = saved_pair(tmp_path, "quick_gelu")
+    ids = token_ids()
+    penultimate, last = ours.text_model.hidden_states(ids)
+    out = ref(ids, output_hidden_states=True)
+    assert rel_err(penultimate, out.hidden_states[-2]) < 1e-4
+    assert rel_err(last, out.last_hidden_state) < 1e-4
+
+
+@pytest.mark.parametrize("eos_token_id", [2, EOS])  # SDXL's published legacy value, and the token itself
+@torch.no_grad()
+def test_projection_model_equals_transformers(tmp_path, eos_token_id):
+    """SDXL's second encoder: penultimate hidden states and the projected pooled output (text_embeds)."""
+    torch.manual_seed(0)
+    ref = RefCLIPTextModelWithProjection(RefCLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+        hidden_act="gelu", projection_dim=24, eos_token_id=eos_token_id))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ref.eval().save_pretrained(tmp_path)
+    ours = CLIPTextModelWithProjection(read_config(tmp_path / "config.json", CLIPTextConfig)).eval()
+    ours.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)  # text_model.*, text_projection.*
+    ids = token_ids()
+    penultimate, pooled = ours(ids)
+    out = ref(ids, output_hidden_states=True)
+    assert pooled.shape == (3, 24)
+    assert rel_err(pooled, out.text_embeds) < 1e-4
+    assert rel_err(penultimate, out.hidden_states[-2]) < 1e-4
 
 
 def test_too_many_tokens_refused():
@@ -62,11 +102,13 @@ def test_too_many_tokens_refused():
         model(torch.zeros(1, 5, dtype=torch.long))
 
 
-@pytest.mark.parametrize("raw", [SD15_TEXT, SD21_TEXT], ids=["sd15", "sd21"])
+@pytest.mark.parametrize("raw", [SD15_TEXT, SD21_TEXT, SDXL_TEXT, SDXL_TEXT_2], ids=["sd15", "sd21", "sdxl", "sdxl-2"])
 def test_full_size_keys_and_shapes_equal_transformers(raw):
+    projection = raw["architectures"] == ["CLIPTextModelWithProjection"]
     with torch.device("meta"):
-        ours = CLIPTextModel(config_from_dict(CLIPTextConfig, raw, "text_encoder/config.json"))
-        ref = RefCLIPTextModel(RefCLIPTextConfig(**raw))
+        ours = (CLIPTextModelWithProjection if projection else CLIPTextModel)(
+            config_from_dict(CLIPTextConfig, raw, "text_encoder/config.json"))
+        ref = (RefCLIPTextModelWithProjection if projection else RefCLIPTextModel)(RefCLIPTextConfig(**raw))
     ours_shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
     ref_shapes = {key: tuple(value.shape) for key, value in with_prefix(ref.state_dict()).items()
                   if key != "text_model.embeddings.position_ids"}  # a buffer some published files carry

@@ -102,7 +102,7 @@ def test_each_rank_gets_its_rows_of_the_one_process_batch(model, tmp_path):
     dataset = SafetyDataset(write_data(tmp_path / "data", [1, 2, 1, 2, 2]), 16, random_flip=True)
     whole = load_batch(dataset, 4, step=3, seed=0)
     generator = torch.Generator().manual_seed(0)
-    x0, context = encode_batch(pipe, whole, generator)
+    x0, context, _ = encode_batch(pipe, whole, generator)
     noise, t = draw_noise_and_timesteps(x0, 1000, generator)
     for rank in (0, 1):
         mine = load_batch(dataset, 4, step=3, seed=0, rank=rank, world_size=2)
@@ -111,7 +111,7 @@ def test_each_rank_gets_its_rows_of_the_one_process_batch(model, tmp_path):
         assert torch.equal(mine["harmful"], whole["harmful"][rows]) and mine["text"] == whole["text"][rows]
         assert mine["file_name"] == whole["file_name"]  # the whole batch, for the log
         generator_of_rank = torch.Generator().manual_seed(0)
-        x0_mine, context_mine = encode_batch(pipe, mine, generator_of_rank, rank, 2)
+        x0_mine, context_mine, _ = encode_batch(pipe, mine, generator_of_rank, rank, 2)
         noise_mine, t_mine = draw_noise_and_timesteps(x0_mine, 1000, generator_of_rank, rank, 2)
         torch.testing.assert_close(x0_mine, x0[rows], rtol=1e-6, atol=1e-6)  # the VAE on 2 rows instead of 4
         torch.testing.assert_close(context_mine, context[rows], rtol=1e-6, atol=1e-6)

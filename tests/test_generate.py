@@ -11,7 +11,8 @@ PROMPTS = ["a handwritten digit seven", "a photo of a cat"]
 NEGATIVES = ["blurry, low quality", ""]
 
 
-@pytest.fixture(scope="module", params=[("sd1", "epsilon"), ("sd2", "v_prediction")], ids=["eps", "v"])
+@pytest.fixture(scope="module", params=[("sd1", "epsilon"), ("sd2", "v_prediction"), ("sdxl", "epsilon")],
+                ids=["eps", "v", "xl"])
 def models(request, tmp_path_factory):
     kind, prediction_type = request.param
     folder = tmp_path_factory.mktemp(kind)
@@ -20,18 +21,20 @@ def models(request, tmp_path_factory):
     return ref, msd.load_pipeline(folder, device="cpu")
 
 
+@pytest.mark.parametrize("negatives", [NEGATIVES, None], ids=["negative", "none"])
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 0.5), ("dpmpp-2m", 0.0)])
-def test_final_latents_equal_diffusers(models, sampler, eta):
+def test_final_latents_equal_diffusers(models, sampler, eta, negatives):
+    """Without a negative prompt SD 1 / 2 guide away from the empty prompt, SDXL from zero embeddings."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
     ref, ours = models
     scheduler_class = DDIMScheduler if sampler == "ddim" else DPMSolverMultistepScheduler
     ref.scheduler = scheduler_class.from_config(ref.scheduler.config)
     latents = torch.randn(2, 4, 8, 12, generator=torch.Generator().manual_seed(0))  # 16x24 px: non-square
-    expected = ref(prompt=PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=10, guidance_scale=7.5,
+    expected = ref(prompt=PROMPTS, negative_prompt=negatives, num_inference_steps=10, guidance_scale=7.5,
                    height=16, width=24, latents=latents.clone(), eta=eta, output_type="latent",
                    generator=torch.Generator().manual_seed(5)).images
-    got = ours.generate(PROMPTS, negative_prompt=NEGATIVES, steps=10, guidance=7.5, height=16, width=24,
+    got = ours.generate(PROMPTS, negative_prompt=negatives, steps=10, guidance=7.5, height=16, width=24,
                         latents=latents, sampler=sampler, eta=eta, seed=5, return_latents=True, progress=False)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
 
@@ -67,10 +70,12 @@ def test_bad_input_is_refused_clearly(models, kwargs, message):
 def test_each_distinct_prompt_is_encoded_once(models):
     _, ours = models
     seen = []
-    hook = ours.text_encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
+    encoder = ours.text_encoder_2 if ours.is_sdxl else ours.text_encoder  # SDXL reads the first one's hidden states
+    hook = encoder.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[0]))
     try:
         hidden = ours.encode_prompts(["a cat", "", "a cat", ""])
-        ours.generate(["a cat"] * 3, steps=1, guidance=5.0, progress=False)  # negatives "" x 3, prompts "a cat" x 3
+        # negatives "" x 3, prompts "a cat" x 3 (an explicit "": SDXL guides from zeros when given none)
+        ours.generate(["a cat"] * 3, negative_prompt="", steps=1, guidance=5.0, progress=False)
     finally:
         hook.remove()
     assert seen == [2, 2]

@@ -36,17 +36,39 @@ def test_contrastive_term_alone_carries_gradient(model, tmp_path, contrast_grad)
     dataset = SafetyDataset(write_data(tmp_path / "data", [2, 2]), 16)
     batch = load_batch(dataset, 2, 0, seed=0)
     generator = torch.Generator().manual_seed(0)
-    x0, context = encode_batch(pipe, batch, generator)
+    x0, context, added = encode_batch(pipe, batch, generator)
     noise, t = draw_noise_and_timesteps(x0, 1000, generator)
     x_t = pipe.schedule.add_noise(x0, noise, t)
     unet = pipe.unet.train().requires_grad_(True)
     config = SafetyLossConfig(method="lt", lam=1.0, harmful_weight=0.0, contrast_grad=contrast_grad)
-    loss, _ = safety_loss(unet(x_t, t, context), x_t, t, x0, noise, batch["harmful"], pipe.schedule,
+    loss, _ = safety_loss(unet(x_t, t, context, **added), x_t, t, x0, noise, batch["harmful"], pipe.schedule,
                           ContrastiveCentres(x0.shape[1:], generator), config)
     loss.backward()
     grad_norm = torch.stack([p.grad.norm() for p in unet.parameters()]).norm().item()
     assert loss.item() != 0
     assert (grad_norm > 0) if contrast_grad else (grad_norm == 0)
+
+
+def test_sdxl_trains_and_resumes_exactly(sdxl_model, tmp_path):
+    """Two steps on a tiny SDXL model, straight and as 1 + 1 with a resume: the same UNet, which moved."""
+    data = write_data(tmp_path / "data", [1, 2, 1, 2])
+    common = ["--batch-size", "2", "--lambda", "1e-3", "--checkpoint-every", "1"]
+    straight = unet_weights(run(sdxl_model, data, tmp_path / "straight", "--steps", "2", *common))
+    run(sdxl_model, data, tmp_path / "resumed", "--steps", "1", *common)
+    resumed = unet_weights(run(sdxl_model, data, tmp_path / "resumed", "--steps", "2", "--resume", *common))
+    before = unet_weights(sdxl_model)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not torch.equal(before["add_embedding.linear_1.weight"], straight["add_embedding.linear_1.weight"])
+    assert msd.load_pipeline(tmp_path / "resumed" / "model.safetensors", device="cpu").is_sdxl
+
+
+def test_sdxl_batch_conditioning_is_what_the_unet_takes(sdxl_model, tmp_path):
+    pipe = msd.load_pipeline(sdxl_model, device="cpu")
+    batch = load_batch(SafetyDataset(write_data(tmp_path / "data", [1, 2]), 16), 2, 0, seed=0)
+    x0, context, added = encode_batch(pipe, batch, torch.Generator().manual_seed(0))
+    assert context.shape == (2, 77, 64) and added["text_embeds"].shape == (2, 24)
+    assert added["time_ids"].tolist() == [[16, 16, 0, 0, 16, 16]] * 2  # the training resolution, no crop
+    assert torch.equal(context, pipe.encode_prompts(batch["text"]))
 
 
 def test_two_steps_on_harmful_only_data_change_the_unet_only_with_contrast_grad(model, tmp_path):

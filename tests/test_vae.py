@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from mini_safediff.models.config import ConfigError, config_from_dict, read_config
 from mini_safediff.models.vae import AutoencoderKL, VAEConfig
 
-from sd_configs import SD_VAE
+from sd_configs import SD_VAE, SDXL_VAE
 
 TINY = {
     # 2 levels, one resnet per encoder block, 8 channels per group
@@ -68,15 +68,19 @@ def test_logvar_clamped_like_diffusers():
     assert torch.equal(ours.logvar, ref.logvar) and torch.equal(ours.std, ref.std)
 
 
-def test_scaling_factor_read_from_config():
+def test_scaling_factor_and_force_upcast_read_from_config():
     assert config_from_dict(VAEConfig, SD_VAE).scaling_factor == 0.18215
-    assert config_from_dict(VAEConfig, {**SD_VAE, "scaling_factor": 0.13025}).scaling_factor == 0.13025
+    sdxl = config_from_dict(VAEConfig, SDXL_VAE)
+    assert sdxl.scaling_factor == 0.13025 and sdxl.force_upcast
+    assert not config_from_dict(VAEConfig, {**SDXL_VAE, "force_upcast": False}).force_upcast
+    assert config_from_dict(VAEConfig, SD_VAE).force_upcast == RefAutoencoderKL.from_config(SD_VAE).config.force_upcast
 
 
-def test_full_size_sd_vae_keys_and_shapes_equal_diffusers():
+@pytest.mark.parametrize("config", [SD_VAE, SDXL_VAE], ids=["sd", "sdxl"])
+def test_full_size_vae_keys_and_shapes_equal_diffusers(config):
     with torch.device("meta"):
-        ours = AutoencoderKL(config_from_dict(VAEConfig, SD_VAE, "SD_VAE"))
-        ref = RefAutoencoderKL(**SD_VAE)
+        ours = AutoencoderKL(config_from_dict(VAEConfig, config, "vae/config.json"))
+        ref = RefAutoencoderKL(**config)
     ours_shapes = {key: tuple(value.shape) for key, value in ours.state_dict().items()}
     ref_shapes = {key: tuple(value.shape) for key, value in ref.state_dict().items()}
     assert ours_shapes == ref_shapes

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builders import TINY_TEXT, TINY_UNET, TINY_VAE
+from builders import SDXL_SCALING_FACTOR, TINY_TEXT, TINY_TEXT_2, TINY_UNET, TINY_VAE
 from oracles import oracle
-from sd_configs import SD_SCHEDULER
+from sd_configs import SD_SCHEDULER, SDXL_SCHEDULER
 
 TOKENIZER_FILES = Path(__file__).resolve().parent.parent / "mini_safediff" / "models" / "tokenizer_data"
 
@@ -30,7 +30,9 @@ def reference_ddim(prediction_type: str = "epsilon"):
 
 def diffusers_pipeline(kind: str = "sd1", prediction_type: str = "epsilon", seed: int = 0):
     """A random tiny diffusers StableDiffusionPipeline of SD1 (quick_gelu, pad <|endoftext|>) or SD2
-    (gelu, linear projections, per-block heads, upcast attention, pad "!") style."""
+    (gelu, linear projections, per-block heads, upcast attention, pad "!") style, or StableDiffusionXLPipeline."""
+    if kind == "sdxl":
+        return diffusers_sdxl_pipeline(prediction_type, seed)
     diffusers, transformers = oracle("diffusers"), oracle("transformers")
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(**TINY_UNET[kind])
@@ -48,14 +50,37 @@ def diffusers_pipeline(kind: str = "sd1", prediction_type: str = "epsilon", seed
                                    feature_extractor=None, requires_safety_checker=False)
 
 
+def diffusers_sdxl_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """A random tiny diffusers StableDiffusionXLPipeline: CLIP-L-like first encoder padding with <|endoftext|>,
+    OpenCLIP-like second with its projection padding with "!", the VAE scaled by SDXL's factor."""
+    diffusers, transformers = oracle("diffusers"), oracle("transformers")
+    torch.manual_seed(seed)
+    text_encoder_2 = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**TINY_TEXT_2))
+    unet = diffusers.UNet2DConditionModel(**TINY_UNET["sdxl"])
+    vae = diffusers.AutoencoderKL(**TINY_VAE, scaling_factor=SDXL_SCALING_FACTOR)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(**TINY_TEXT, hidden_act="quick_gelu"))
+    for model in (unet, vae, text_encoder, text_encoder_2):  # no zero-initialised layer may hide a wrong connection
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        model.eval()
+    return diffusers.StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=reference_tokenizer(),
+        tokenizer_2=reference_tokenizer("!"), unet=unet, scheduler=reference_ddim(prediction_type),
+        force_zeros_for_empty_prompt=True, add_watermarker=False)
+
+
 def saved_diffusers_pipeline(folder: Path, kind: str = "sd1", prediction_type: str = "epsilon"):
     """Saved with the scheduler config that SD 1.5 publishes (PNDM, no timestep_spacing key, which
-    each sampler class then fills with its own default); the returned pipeline reads it back."""
+    each sampler class then fills with its own default), or SDXL base's (Euler, "leading" spacing); the
+    returned pipeline reads it back."""
     pipe = diffusers_pipeline(kind, prediction_type)
     pipe.save_pretrained(folder)
+    scheduler = SDXL_SCHEDULER if kind == "sdxl" else SD_SCHEDULER
     (folder / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps({**SD_SCHEDULER, "prediction_type": prediction_type}))
-    pipe.scheduler = oracle("diffusers").PNDMScheduler.from_pretrained(folder / "scheduler")
+        json.dumps({**scheduler, "prediction_type": prediction_type}))
+    scheduler_class = getattr(oracle("diffusers"), scheduler["_class_name"])
+    pipe.scheduler = scheduler_class.from_pretrained(folder / "scheduler")
     return pipe
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..models.clip import ACTIVATIONS, CLIPTextConfig, EncoderLayer, TextTransformer
+from ..models.clip import ACTIVATIONS, CLIPTextConfig, EncoderLayer, TextTransformer, pool
 from ..models.config import ConfigError, config_from_dict, read_config
 from ..models.tokenizer import CLIPTokenizer
 from ..models.weights import WeightsError, build_model, find_weights, read_state_dict
@@ -156,15 +156,7 @@ class CLIPModel(nn.Module):
 
     def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids (B, N <= 77) -> projected text embeddings (B, projection_dim), pooled at the end token."""
-        hidden = self.text_model(input_ids)  # (B, N, D)
-        # The first eos_token_id; or, with the (wrong) legacy value 2 of configs written before mid-2023 (such as
-        # openai/clip-vit-large-patch14's), the highest id: <|endoftext|> is the last of OpenAI's vocabulary.
-        eos_token_id = self.config.text_config.eos_token_id
-        if eos_token_id == 2:
-            end = input_ids.argmax(-1)
-        else:  # the first end token: padding may repeat it
-            end = (input_ids == eos_token_id).int().argmax(-1)
-        return self.text_projection(hidden[torch.arange(len(hidden), device=hidden.device), end])
+        return self.text_projection(pool(self.text_model(input_ids), input_ids, self.config.text_config.eos_token_id))
 
 
 @dataclass

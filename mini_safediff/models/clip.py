@@ -3,7 +3,10 @@ last_hidden_state of transformers' CLIPTextModel: token ids (B, N <= 77) -> hidd
 after the final layer norm.
 
 SD 1.x uses OpenAI's CLIP ViT-L/14 (quick_gelu); SD 2.x the first 23 of the 24 layers of OpenCLIP's
-ViT-H/14 (gelu). Module names equal the transformers state-dict keys (`text_model.*`).
+ViT-H/14 (gelu). SDXL uses two: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with its projection head
+(transformers' CLIPTextModelWithProjection); it takes the penultimate layer's hidden states of both, and
+the projected pooled output of the second. Module names equal the transformers state-dict keys
+(`text_model.*`, `text_projection.*`).
 """
 from dataclasses import dataclass
 
@@ -30,8 +33,8 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
-    projection_dim: int = 512  # size of CLIP's contrastive head, which the text model lacks; kept for saving
-    eos_token_id: int = 49407  # where CLIPModel (clip_vision.py) pools the text; the text model itself ignores it
+    projection_dim: int = 512  # output width of CLIP's projection head (CLIPTextModelWithProjection, CLIPModel)
+    eos_token_id: int = 49407  # where the pooled output is taken (see `pool`)
 
     FIXED = {"dropout": 0.0, "attention_dropout": 0.0}
     # Metadata, initialisation, and token ids used only by the tokenizer.
@@ -112,13 +115,29 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids (B, N) with N <= max_position_embeddings -> last hidden state (B, N, hidden_size)."""
+        return self.hidden_states(input_ids)[1]
+
+    def hidden_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(penultimate, last), both (B, N, hidden_size): the input of the last layer (transformers'
+        hidden_states[-2], no final layer norm: what SDXL conditions on) and the last hidden state."""
         positions = self.embeddings.position_embedding.num_embeddings
         if input_ids.shape[1] > positions:
             raise ValueError(f"CLIP text model: {input_ids.shape[1]} tokens, at most {positions} fit")
         x = self.embeddings(input_ids)
-        for layer in self.encoder.layers:
+        for layer in self.encoder.layers[:-1]:
             x = layer(x)
-        return self.final_layer_norm(x)
+        return x, self.final_layer_norm(self.encoder.layers[-1](x))
+
+
+def pool(last_hidden_state: torch.Tensor, input_ids: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """Each text's last hidden state at its first end token, (B, N, D) -> (B, D). With the legacy value 2 of
+    configs written before mid-2023 (such as SD's), transformers takes the highest id instead: <|endoftext|>
+    is the last in the vocabulary, so this is the same token for tokenizer output."""
+    if eos_token_id == 2:
+        end = input_ids.argmax(-1)
+    else:
+        end = (input_ids == eos_token_id).int().argmax(-1)
+    return last_hidden_state[torch.arange(len(input_ids), device=input_ids.device), end.to(input_ids.device)]
 
 
 class CLIPTextModel(nn.Module):
@@ -129,3 +148,19 @@ class CLIPTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_model(input_ids)
+
+
+class CLIPTextModelWithProjection(nn.Module):
+    """The text model and CLIP's projection of its pooled output (a Linear without bias): SDXL's second text
+    encoder. Returns what SDXL takes from it: the penultimate hidden states (B, N, hidden_size), which join
+    the first encoder's as the context, and the projected pooled output, transformers' text_embeds
+    (B, projection_dim), which enters the UNet's added conditioning."""
+    def __init__(self, config: CLIPTextConfig):
+        super().__init__()
+        self.config = config
+        self.text_model = TextTransformer(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        penultimate, last = self.text_model.hidden_states(input_ids)
+        return penultimate, self.text_projection(pool(last, input_ids, self.config.eos_token_id))

@@ -1,8 +1,9 @@
-"""A Stable Diffusion model as one object: load it from a diffusers folder or a single LDM
+"""A Stable Diffusion model (1.x, 2.x or XL) as one object: load it from a diffusers folder or a single LDM
 file, save it back in either layout, and encode prompts.
 
     pipe = load_pipeline("path/to/stable-diffusion-v1-5")       # diffusers folder
     pipe = load_pipeline("v1-5-pruned-emaonly.safetensors")     # single file
+    pipe = load_pipeline("stable-diffusion-xl-base-1.0")        # SDXL: told apart by its second text encoder
     pipe = load_pipeline(base, unet="esd-unet.safetensors")     # safety reinforcement: safe UNet over a base
 """
 import dataclasses
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from . import cpu_speedups, ldm, samplers
-from .clip import CLIPTextConfig, CLIPTextModel
+from .clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .config import config_from_dict, config_to_dict, read_config
 from .schedule import NoiseSchedule, SchedulerConfig
 from .tokenizer import CLIPTokenizer
@@ -42,8 +43,9 @@ def start_noise(shape, seeds) -> torch.Tensor:
 
 
 def text_state_dict(state_dict: dict) -> dict:
-    """transformers 5 saves CLIP text keys without the `text_model.` prefix, published SD files with it."""
-    state_dict = {key if key.startswith("text_model.") else f"text_model.{key}": value
+    """transformers 5 saves CLIPTextModel's keys without the `text_model.` prefix, published SD files with it
+    (CLIPTextModelWithProjection's keep it, beside `text_projection.*`)."""
+    state_dict = {key if key.startswith(("text_model.", "text_projection.")) else f"text_model.{key}": value
                   for key, value in state_dict.items()}
     return {key: value for key, value in state_dict.items() if key not in TEXT_KEYS_SAFE_TO_DROP}
 
@@ -73,6 +75,16 @@ class Pipeline:
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     schedule: NoiseSchedule
+    # SDXL only: OpenCLIP ViT-bigG and its tokenizer (pads with "!").
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+    # SDXL: without a negative prompt the unconditional branch gets zero embeddings, not the empty prompt's
+    # (diffusers' StableDiffusionXLPipeline option, in model_index.json; True by default and in SDXL base).
+    force_zeros_for_empty_prompt: bool = True
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def device(self) -> torch.device:
@@ -83,18 +95,49 @@ class Pipeline:
         return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype=None) -> "Pipeline":
-        for model in (self.unet, self.vae, self.text_encoder):
-            model.to(device=device, dtype=dtype)
+        for model in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
+            if model is not None:
+                model.to(device=device, dtype=dtype)
         return self
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B, 77, D). Each distinct prompt is encoded once: batches often repeat one (several images per
+        """The context the UNet cross-attends to, (B, 77, D): SD 1 / 2: the text encoder's last hidden state;
+        SDXL: both encoders' penultimate hidden states side by side (768 + 1280 = 2048 features)."""
+        return self.encode_text(prompts)[0]
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context (B, 77, D), pooled): pooled is SDXL's second encoder's projected pooled output (B, 1280),
+        None for SD 1 / 2. Each distinct prompt is encoded once: batches often repeat one (several images per
         prompt, the same negative prompt for every image)."""
         rows = {}
         index = [rows.setdefault(prompt, len(rows)) for prompt in prompts]  # prompt -> its row among the distinct
-        hidden = self.text_encoder(self.tokenizer(list(rows)).to(self.device))
-        return hidden if len(rows) == len(prompts) else hidden[index]
+        ids = self.tokenizer(list(rows)).to(self.device)
+        if self.is_sdxl:
+            first = self.text_encoder.text_model.hidden_states(ids)[0]
+            second, pooled = self.text_encoder_2(self.tokenizer_2(list(rows)).to(self.device))
+            hidden = torch.cat([first, second], dim=-1)
+        else:
+            hidden, pooled = self.text_encoder(ids), None
+        if len(rows) == len(prompts):
+            return hidden, pooled
+        return hidden[index], None if pooled is None else pooled[index]
+
+    def time_ids(self, height: int, width: int, batch: int) -> torch.Tensor:
+        """SDXL's size conditioning (B, 6) as diffusers' pipeline and training script set it by default: the
+        original size and the target size both (height, width) in pixels, the crop's top-left corner (0, 0)."""
+        return torch.tensor([[height, width, 0, 0, height, width]], device=self.device, dtype=self.dtype).repeat(
+            batch, 1)
+
+    def conditioning(self, prompts: list[str], height: int, width: int) -> tuple[torch.Tensor, dict]:
+        """(context, added): what the UNet takes besides the latents and timesteps, as
+        `unet(x, t, context, **added)`; added is {} for SD 1 / 2, SDXL's text_embeds and time_ids for images of
+        height x width pixels."""
+        context, pooled = self.encode_text(prompts)
+        if pooled is None:
+            return context, {}
+        return context, {"text_embeds": pooled, "time_ids": self.time_ids(height, width, len(pooled))}
 
     @property
     def vae_scale_factor(self) -> int:
@@ -111,6 +154,7 @@ class Pipeline:
         was made in (evaluation can resume or split prompt lists freely)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         negatives = negative_prompt if isinstance(negative_prompt, (list, tuple)) else [negative_prompt or ""] * len(prompts)
+        zero_negatives = negative_prompt is None and self.is_sdxl and self.force_zeros_for_empty_prompt
         factor = self.vae_scale_factor
         height = height or self.unet.config.sample_size * factor
         width = width or self.unet.config.sample_size * factor
@@ -138,21 +182,29 @@ class Pipeline:
         for start in range(0, len(prompts), batch_size):
             end = start + batch_size
             generator = torch.Generator().manual_seed(seed + start)  # DDIM eta > 0 noise
-            final = SAMPLERS[sampler](self._guided_model(prompts[start:end], negatives[start:end], guidance),
+            model_fn = self._guided_model(prompts[start:end], None if zero_negatives else negatives[start:end],
+                                          guidance, height, width)
+            final = SAMPLERS[sampler](model_fn,
                                       latents[start:end].to(self.device, self.dtype), self.schedule, steps,
                                       generator=generator, progress=progress,
                                       **({"eta": eta} if sampler == "ddim" else {}))
             results.append(final if return_latents else self.decode_to_uint8(final))
         return torch.cat(results) if return_latents else np.concatenate(results)
 
-    def _guided_model(self, prompts: list, negatives: list, guidance: float):
+    def _guided_model(self, prompts: list, negatives: list | None, guidance: float, height: int, width: int):
         """The model function the samplers call: the UNet with classifier-free guidance (as in diffusers, only
-        when guidance > 1), both branches in one batched call, their texts encoded in one encoder call."""
+        when guidance > 1), both branches in one batched call, their texts encoded in one encoder call.
+        negatives None: zero embeddings for the unconditional branch (SDXL's force_zeros_for_empty_prompt)."""
         guided = guidance > 1
-        context = self.encode_prompts((list(negatives) if guided else []) + list(prompts))  # unconditional first
+        encoded = (list(negatives) if guided and negatives is not None else []) + list(prompts)
+        context, added = self.conditioning(encoded, height, width)  # unconditional first
+        if guided and negatives is None:
+            context = torch.cat([torch.zeros_like(context), context])
+            added["text_embeds"] = torch.cat([torch.zeros_like(added["text_embeds"]), added["text_embeds"]])
+            added["time_ids"] = added["time_ids"].repeat(2, 1)
 
         def model_fn(x, t):
-            out = self.unet(torch.cat([x, x]) if guided else x, t, context)
+            out = self.unet(torch.cat([x, x]) if guided else x, t, context, **added)
             if not guided:
                 return out
             out_uncond, out_cond = out.chunk(2)
@@ -162,28 +214,48 @@ class Pipeline:
     @torch.no_grad()
     def decode_to_uint8(self, latents: torch.Tensor) -> np.ndarray:
         """Decoded in slices of about DECODE_SLICE_PIXELS output pixels: the decoder's full-resolution
-        activations (128 channels or more per pixel) would otherwise grow with the whole batch."""
-        pixels = latents.shape[-2] * latents.shape[-1] * self.vae_scale_factor ** 2
-        results = []
-        for chunk in latents.split(max(1, DECODE_SLICE_PIXELS // pixels)):
-            images = self.vae.decode(chunk / self.vae.config.scaling_factor)  # (b, 3, H, W) in [-1, 1]
-            images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (b, H, W, 3)
-            results.append((images.cpu().numpy() * 255).round().astype(np.uint8))
+        activations (128 channels or more per pixel) would otherwise grow with the whole batch.
+        A float16 SDXL VAE whose config sets force_upcast decodes in float32 (it overflows in float16), as
+        diffusers' SDXL pipeline does; SD 1 / 2 decode in the VAE's dtype, as diffusers' SD pipeline does."""
+        upcast = self.is_sdxl and self.vae.config.force_upcast and next(self.vae.parameters()).dtype == torch.float16
+        if upcast:
+            self.vae.float()
+        try:
+            pixels = latents.shape[-2] * latents.shape[-1] * self.vae_scale_factor ** 2
+            results = []
+            for chunk in latents.split(max(1, DECODE_SLICE_PIXELS // pixels)):
+                chunk = chunk.to(next(self.vae.parameters()).dtype) / self.vae.config.scaling_factor
+                images = self.vae.decode(chunk)  # (b, 3, H, W) in [-1, 1]
+                images = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)  # (b, H, W, 3)
+                results.append((images.cpu().numpy() * 255).round().astype(np.uint8))
+        finally:
+            if upcast:  # float16 -> float32 -> float16 gives back the same weights
+                self.vae.half()
         return np.concatenate(results)
+
+    def text_encoders(self) -> list:
+        """(folder name, model, transformers class name) of each text encoder."""
+        encoders = [("text_encoder", self.text_encoder, "CLIPTextModel")]
+        if self.is_sdxl:
+            encoders.append(("text_encoder_2", self.text_encoder_2, "CLIPTextModelWithProjection"))
+        return encoders
 
     def save(self, path) -> None:
         """A folder -> diffusers layout; a `.safetensors` path -> one LDM single file."""
         path = Path(path)
         if path.suffix == ".safetensors":
-            text_kind = "openclip" if self.text_encoder.config.hidden_act == "gelu" else "clip"
+            openclip = self.text_encoder.config.hidden_act == "gelu"
+            text_kind = "sdxl" if self.is_sdxl else "openclip" if openclip else "clip"
             state_dict = ldm.diffusers_to_ldm(self.unet.state_dict(), self.vae.state_dict(),
-                                              self.text_encoder.state_dict(), text_kind)
+                                              self.text_encoder.state_dict(), text_kind,
+                                              self.text_encoder_2.state_dict() if self.is_sdxl else None)
             # What the weights cannot reveal (prediction type, head counts, group norms of non-SD widths)
             # travels in the file's metadata; other tools ignore it and infer SD's values.
             metadata = {"prediction_type": self.schedule.config.prediction_type,
                         "unet_config": json.dumps(dataclasses.asdict(self.unet.config)),
                         "vae_config": json.dumps(dataclasses.asdict(self.vae.config)),
-                        "text_encoder_config": json.dumps(dataclasses.asdict(self.text_encoder.config))}
+                        **{f"{name}_config": json.dumps(dataclasses.asdict(model.config))
+                           for name, model, _ in self.text_encoders()}}
             save_state_dict(state_dict, path, metadata=metadata)
             return
         if path.suffix:
@@ -192,24 +264,50 @@ class Pipeline:
             self._write_folder(tmp)
 
     def _write_folder(self, path: Path) -> None:
-        write_json(path / "model_index.json", {
-            "_class_name": "StableDiffusionPipeline",
-            "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
-            "scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"]})
+        components = {"scheduler": ["diffusers", "DDIMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                      "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                      "vae": ["diffusers", "AutoencoderKL"]}
+        if self.is_sdxl:
+            write_json(path / "model_index.json", {
+                "_class_name": "StableDiffusionXLPipeline", **components,
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"], "feature_extractor": [None, None],
+                "image_encoder": [None, None], "force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt})
+        else:
+            write_json(path / "model_index.json", {
+                "_class_name": "StableDiffusionPipeline", **components, "feature_extractor": [None, None],
+                "safety_checker": [None, None], "requires_safety_checker": False})
         for name, model, class_name, file_name in [
                 ("unet", self.unet, "UNet2DConditionModel", "diffusion_pytorch_model.safetensors"),
                 ("vae", self.vae, "AutoencoderKL", "diffusion_pytorch_model.safetensors"),
-                ("text_encoder", self.text_encoder, "CLIPTextModel", "model.safetensors")]:
+                *[(name, model, class_name, "model.safetensors") for name, model, class_name in self.text_encoders()]]:
             config = config_to_dict(model.config, class_name)
-            if name == "text_encoder":
-                config.update(architectures=["CLIPTextModel"], model_type="clip_text_model")
+            if name.startswith("text_encoder"):
+                config.update(architectures=[class_name], model_type="clip_text_model")
             write_json(path / name / "config.json", config)
             save_state_dict(model.state_dict(), path / name / file_name)
         write_json(path / "scheduler" / "scheduler_config.json",
                    {"_class_name": "DDIMScheduler", **self.schedule.config.to_dict()})
         self.tokenizer.save(path / "tokenizer")
+        if self.is_sdxl:
+            self.tokenizer_2.save(path / "tokenizer_2")
+
+
+def _sdxl_parts(path: Path, dtype) -> dict:
+    """text_encoder_2, tokenizer_2 and force_zeros_for_empty_prompt of an SDXL folder ({} without text_encoder_2/)."""
+    index = json.loads((path / "model_index.json").read_text()) if (path / "model_index.json").is_file() else {}
+    if not (path / "text_encoder_2").is_dir():
+        if "XL" in index.get("_class_name", ""):
+            raise WeightsError(f"{path}: model_index.json names {index['_class_name']}, but there is no "
+                               "text_encoder_2/ subfolder")
+        return {}
+    text_file = find_weights(path / "text_encoder_2")
+    return {"text_encoder_2": build_model(CLIPTextModelWithProjection,
+                                          read_config(path / "text_encoder_2" / "config.json", CLIPTextConfig),
+                                          text_state_dict(read_state_dict(text_file)), str(text_file), dtype),
+            "tokenizer_2": CLIPTokenizer.from_folder(path / "tokenizer_2") if (path / "tokenizer_2").is_dir()
+            else CLIPTokenizer.default(pad_token="!"),
+            "force_zeros_for_empty_prompt": index.get("force_zeros_for_empty_prompt", True)}
 
 
 def _load_folder(path: Path, dtype) -> Pipeline:
@@ -231,7 +329,8 @@ def _load_folder(path: Path, dtype) -> Pipeline:
         text_encoder=build_model(CLIPTextModel, text_config, text_state_dict(read_state_dict(text_file)),
                             str(text_file), dtype),
         tokenizer=tokenizer,
-        schedule=NoiseSchedule(read_config(path / "scheduler" / "scheduler_config.json", SchedulerConfig)))
+        schedule=NoiseSchedule(read_config(path / "scheduler" / "scheduler_config.json", SchedulerConfig)),
+        **_sdxl_parts(path, dtype))
 
 
 def _load_single_file(path: Path, dtype, prediction_type) -> Pipeline:
@@ -253,7 +352,11 @@ def _load_single_file(path: Path, dtype, prediction_type) -> Pipeline:
         text_encoder=build_model(CLIPTextModel, config("text_encoder", CLIPTextConfig),
                                  text_state_dict(parts["text_encoder"][0]), f"{source} (text encoder)", dtype),
         tokenizer=CLIPTokenizer.default(pad_token=parts["tokenizer_pad_token"]),
-        schedule=NoiseSchedule(config_from_dict(SchedulerConfig, parts["scheduler"], source)))
+        schedule=NoiseSchedule(config_from_dict(SchedulerConfig, parts["scheduler"], source)),
+        **({"text_encoder_2": build_model(CLIPTextModelWithProjection, config("text_encoder_2", CLIPTextConfig),
+                                          parts["text_encoder_2"][0], f"{source} (text encoder 2)", dtype),
+            "tokenizer_2": CLIPTokenizer.default(pad_token=parts["tokenizer_2_pad_token"])}
+           if "text_encoder_2" in parts else {}))
 
 
 def load_pipeline(path, device=None, dtype=None, unet=None, prediction_type=None) -> Pipeline:

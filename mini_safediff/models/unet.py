@@ -1,13 +1,15 @@
-"""The denoising UNet of Stable Diffusion 1.x / 2.x, equal to diffusers' UNet2DConditionModel.
+"""The denoising UNet of Stable Diffusion 1.x / 2.x / XL, equal to diffusers' UNet2DConditionModel.
 
     eps (or v) = UNet2DConditionModel(config)(noisy_latents, timestep, text_embeddings)
+    eps = sdxl_unet(noisy_latents, timestep, text_embeddings, text_embeds=pooled, time_ids=size_and_crop)
 
 Down path: conv_in, then per resolution `layers_per_block` resnets (each followed by a spatial
 transformer in cross-attention blocks) and a stride-2 conv; every intermediate output is kept as
 a skip connection. Middle: resnet, transformer, resnet. Up path: the mirror image, each resnet
 taking one skip concatenated on the channels, with one extra resnet per resolution to take the
 skip that came out of the down path's stride-2 conv. The timestep enters every resnet as a bias;
-the text enters every transformer through cross-attention.
+the text enters every transformer through cross-attention. SDXL adds to the timestep embedding an MLP of the
+pooled text embedding and of the image's original size, crop corner and target size (Podell et al. 2023, 2.2).
 """
 import math
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 
 @dataclass
 class UNetConfig:
-    """diffusers' UNet2DConditionModel config keys that SD 1.x / 2.x use; defaults are SD 1.5's."""
+    """diffusers' UNet2DConditionModel config keys that SD 1.x / 2.x / XL use; defaults are SD 1.5's."""
     sample_size: int | list = 64  # latent side the model was trained at (pipelines read it; the net takes any size)
     in_channels: int = 4
     out_channels: int = 4
@@ -34,32 +36,36 @@ class UNetConfig:
     block_out_channels: list = field(default_factory=lambda: [320, 640, 1280, 1280])
     layers_per_block: int = 2
     cross_attention_dim: int = 768
-    # diffusers' naming quirk: in SD configs this is the number of heads (SD 1: 8 everywhere; SD 2: one
+    # diffusers' naming quirk: in SD configs this is the number of heads (SD 1: 8 everywhere; SD 2 and XL: one
     # entry per down block, 64-channel heads), not their width.
     attention_head_dim: int | list = 8
+    transformer_layers_per_block: int | list = 1  # transformer blocks per spatial transformer, per down block (XL)
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     use_linear_projection: bool = False  # SD 2: proj_in / proj_out are Linear, SD 1: 1x1 convs
-    upcast_attention: bool = False  # SD 2: attention in float32 (its fp16 attention logits overflow)
+    upcast_attention: bool | None = False  # SD 2: attention in float32 (its fp16 attention logits overflow)
     flip_sin_to_cos: bool = True
     freq_shift: int = 0
+    # SDXL: "text_time", the pooled text embedding and sinusoids of six size / crop numbers into the time embedding
+    addition_embed_type: str | None = None
+    addition_time_embed_dim: int | None = None  # sinusoid features per size / crop number
+    projection_class_embeddings_input_dim: int | None = None  # pooled text width + 6 * addition_time_embed_dim
 
     # Every other UNet2DConditionModel option, at the only value implemented here (diffusers' default).
     FIXED = {
         "act_fn": "silu", "center_input_sample": False, "mid_block_type": "UNetMidBlock2DCrossAttn",
         "mid_block_scale_factor": 1, "downsample_padding": 1, "dropout": 0.0, "only_cross_attention": False,
-        "dual_cross_attention": False, "num_attention_heads": None, "transformer_layers_per_block": 1,
+        "dual_cross_attention": False, "num_attention_heads": None,
         "reverse_transformer_layers_per_block": None, "attention_type": "default",
         "resnet_time_scale_shift": "default", "time_embedding_type": "positional", "time_embedding_dim": None,
         "time_embedding_act_fn": None, "timestep_post_act": None, "time_cond_proj_dim": None,
         "conv_in_kernel": 3, "conv_out_kernel": 3, "class_embed_type": None, "num_class_embeds": None,
-        "class_embeddings_concat": False, "addition_embed_type": None, "encoder_hid_dim": None,
+        "class_embeddings_concat": False, "encoder_hid_dim": None,
         "encoder_hid_dim_type": None,
     }
     # Options read only by block types, embeddings or modes that the FIXED values above switch off.
     IGNORED = {"resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
-               "mid_block_only_cross_attention", "addition_time_embed_dim", "addition_embed_type_num_heads",
-               "projection_class_embeddings_input_dim"}
+               "mid_block_only_cross_attention", "addition_embed_type_num_heads"}
 
     def __post_init__(self):
         blocks = len(self.block_out_channels)
@@ -69,6 +75,15 @@ class UNetConfig:
                   ("up_block_types", len(self.up_block_types) == blocks, "one per block_out_channels entry"),
                   ("attention_head_dim", isinstance(self.attention_head_dim, int)
                    or len(self.attention_head_dim) == blocks, "an int or one per block"),
+                  ("transformer_layers_per_block", isinstance(self.transformer_layers_per_block, int)
+                   or (len(self.transformer_layers_per_block) == blocks
+                       and all(isinstance(n, int) for n in self.transformer_layers_per_block)),
+                   "an int or one int per block"),
+                  ("addition_embed_type", self.addition_embed_type in (None, "text_time"), [None, "text_time"]),
+                  ("projection_class_embeddings_input_dim", self.addition_embed_type is None or isinstance(
+                      self.projection_class_embeddings_input_dim, int), "an int with addition_embed_type"),
+                  ("addition_time_embed_dim", self.addition_embed_type is None or isinstance(
+                      self.addition_time_embed_dim, int), "an int with addition_embed_type"),
                   ("layers_per_block", isinstance(self.layers_per_block, int), "an int"),
                   ("cross_attention_dim", isinstance(self.cross_attention_dim, int), "an int")]
         for key, ok, supported in checks:
@@ -81,6 +96,12 @@ class UNetConfig:
         """Number of attention heads per down block (the up blocks use them in reverse, the middle the last)."""
         heads = self.attention_head_dim
         return [heads] * len(self.block_out_channels) if isinstance(heads, int) else list(heads)
+
+    @property
+    def depths(self) -> list:
+        """Transformer blocks per spatial transformer, per down block (up blocks in reverse, the middle the last)."""
+        depth = self.transformer_layers_per_block
+        return [depth] * len(self.block_out_channels) if isinstance(depth, int) else list(depth)
 
 
 def call(module, *args):
@@ -187,13 +208,14 @@ class BasicTransformerBlock(nn.Module):
 
 
 class Transformer2DModel(nn.Module):
-    """The feature map as a sequence of H*W tokens through a transformer block, added back to the input."""
-    def __init__(self, channels: int, heads: int, config: UNetConfig):
+    """The feature map as a sequence of H*W tokens through `depth` transformer blocks, added back to the input."""
+    def __init__(self, channels: int, heads: int, depth: int, config: UNetConfig):
         super().__init__()
         linear = config.use_linear_projection
         self.norm = nn.GroupNorm(config.norm_num_groups, channels, eps=1e-6)
         self.proj_in = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
-        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, config)])
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(channels, heads, config)
+                                                 for _ in range(depth)])
         self.proj_out = nn.Linear(channels, channels) if linear else nn.Conv2d(channels, channels, 1)
 
     def forward(self, x, context, run=call):
@@ -231,13 +253,13 @@ class Upsample2D(nn.Module):
 
 class DownBlock(nn.Module):
     """diffusers' CrossAttnDownBlock2D (heads > 0) or DownBlock2D (heads = 0) at one resolution."""
-    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, heads: int, downsample: bool,
+    def __init__(self, in_channels: int, out_channels: int, emb_dim: int, heads: int, depth: int, downsample: bool,
                  config: UNetConfig):
         super().__init__()
         layers = config.layers_per_block
         self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels,
                                                     emb_dim, config) for i in range(layers)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_channels, heads, config)
+        self.attentions = nn.ModuleList([Transformer2DModel(out_channels, heads, depth, config)
                                          for _ in range(layers)]) if heads else None
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if downsample else None
 
@@ -259,14 +281,14 @@ class UpBlock(nn.Module):
     """diffusers' CrossAttnUpBlock2D (heads > 0) or UpBlock2D (heads = 0) at one resolution: one resnet per
     skip, the last skip coming from the next-higher resolution (skip_channels)."""
     def __init__(self, prev_channels: int, out_channels: int, skip_channels: int, emb_dim: int, heads: int,
-                 upsample: bool, config: UNetConfig):
+                 depth: int, upsample: bool, config: UNetConfig):
         super().__init__()
         layers = config.layers_per_block + 1
         self.resnets = nn.ModuleList([
             ResnetBlock2D((prev_channels if i == 0 else out_channels)
                           + (skip_channels if i == layers - 1 else out_channels), out_channels, emb_dim, config)
             for i in range(layers)])
-        self.attentions = nn.ModuleList([Transformer2DModel(out_channels, heads, config)
+        self.attentions = nn.ModuleList([Transformer2DModel(out_channels, heads, depth, config)
                                          for _ in range(layers)]) if heads else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if upsample else None
 
@@ -282,10 +304,10 @@ class UpBlock(nn.Module):
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
-    def __init__(self, channels: int, emb_dim: int, heads: int, config: UNetConfig):
+    def __init__(self, channels: int, emb_dim: int, heads: int, depth: int, config: UNetConfig):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, emb_dim, config) for _ in range(2)])
-        self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, config)])
+        self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, depth, config)])
 
     def forward(self, x, emb, context, run):
         x = run(self.resnets[0], x, emb)
@@ -300,30 +322,36 @@ class UNet2DConditionModel(nn.Module):
         # When True (and training with gradients), each resnet and transformer block recomputes its
         # activations during backward instead of storing them: less memory, about one more forward.
         self.gradient_checkpointing = False
-        channels, heads = config.block_out_channels, config.heads
+        channels, heads, depths = config.block_out_channels, config.heads, config.depths
         emb_dim = 4 * channels[0]
         self.conv_in = nn.Conv2d(config.in_channels, channels[0], 3, padding=1)
         self.time_embedding = TimestepEmbedding(channels[0], emb_dim)
+        if config.addition_embed_type == "text_time":  # diffusers' add_time_proj (the sinusoids) has no weights
+            self.add_embedding = TimestepEmbedding(config.projection_class_embeddings_input_dim, emb_dim)
 
         self.down_blocks = nn.ModuleList()
         for i, block_type in enumerate(config.down_block_types):
             self.down_blocks.append(DownBlock(channels[max(i - 1, 0)], channels[i], emb_dim,
-                                              heads[i] if DOWN_BLOCKS[block_type] else 0,
+                                              heads[i] if DOWN_BLOCKS[block_type] else 0, depths[i],
                                               downsample=i < len(channels) - 1, config=config))
-        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], emb_dim, heads[-1], config)
+        self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], emb_dim, heads[-1], depths[-1], config)
         self.up_blocks = nn.ModuleList()
-        up_channels, up_heads = channels[::-1], heads[::-1]
+        up_channels, up_heads, up_depths = channels[::-1], heads[::-1], depths[::-1]
         for i, block_type in enumerate(config.up_block_types):
             self.up_blocks.append(UpBlock(up_channels[max(i - 1, 0)], up_channels[i],
                                           up_channels[min(i + 1, len(channels) - 1)], emb_dim,
-                                          up_heads[i] if UP_BLOCKS[block_type] else 0,
+                                          up_heads[i] if UP_BLOCKS[block_type] else 0, up_depths[i],
                                           upsample=i < len(channels) - 1, config=config))
         self.conv_norm_out = nn.GroupNorm(config.norm_num_groups, channels[0], eps=config.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], config.out_channels, 3, padding=1)
 
-    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor,
+                text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
         """sample: (B, in_channels, H, W) noisy latents; timestep: a number, a 0-d tensor, or a (1,) or (B,)
-        tensor; encoder_hidden_states: (B, tokens, cross_attention_dim). Returns (B, out_channels, H, W)."""
+        tensor; encoder_hidden_states: (B, tokens, cross_attention_dim). SDXL only (diffusers passes them in
+        added_cond_kwargs): text_embeds (B, pooled width), the pooled text embedding; time_ids (B, 6), the
+        original height and width, the crop's top and left, the target height and width.
+        Returns (B, out_channels, H, W)."""
         run = checkpointed if self.gradient_checkpointing and self.training and torch.is_grad_enabled() else call
         # One timestep for the whole batch (as in sampling) makes one embedding row that every resnet
         # broadcasts: the time MLP and the resnets' projections of it run once, not once per image.
@@ -332,8 +360,19 @@ class UNet2DConditionModel(nn.Module):
             raise ValueError(f"unet: {len(t)} timesteps for a batch of {len(sample)}")
         t_emb = timestep_embedding(t, self.config.block_out_channels[0], self.config.flip_sin_to_cos,
                                    self.config.freq_shift)
+        emb = self.time_embedding(t_emb.to(sample.dtype))
+        sdxl = self.config.addition_embed_type == "text_time"
+        if (text_embeds is not None, time_ids is not None) != (sdxl, sdxl):
+            raise ValueError("unet: text_embeds and time_ids are " + ("both needed by this UNet (addition_embed_type "
+                             "'text_time', SDXL)" if sdxl else "for SDXL UNets only"))
+        if sdxl:
+            # Each of the six numbers becomes its own sinusoids, as a timestep does; the pooled text comes first.
+            time_features = timestep_embedding(time_ids.flatten(), self.config.addition_time_embed_dim,
+                                               self.config.flip_sin_to_cos, self.config.freq_shift)
+            added = torch.cat([text_embeds, time_features.reshape(len(text_embeds), -1)], dim=-1)
+            emb = emb + self.add_embedding(added.to(sample.dtype))
         # Every resnet applies SiLU to the embedding before its projection: do it once here.
-        emb = F.silu(self.time_embedding(t_emb.to(sample.dtype)))
+        emb = F.silu(emb)
         context = encoder_hidden_states
 
         x = self.conv_in(sample)

@@ -27,13 +27,14 @@ class VAEConfig:
     latent_channels: int = 4
     norm_num_groups: int = 32
     sample_size: int = 32  # only diffusers' tiled decoding reads it
-    scaling_factor: float = 0.18215
+    scaling_factor: float = 0.18215  # SDXL: 0.13025
+    # Decode in float32 when the model runs in float16: SDXL's VAE overflows in float16. diffusers' SDXL pipeline
+    # reads it (as Pipeline.decode_to_uint8 does for SDXL); its SD 1 / 2 pipeline does not.
+    force_upcast: bool = True
 
     # The SD VAE: SiLU, both 1x1 quant convs, attention in the mid blocks, latents only scaled (no shift).
     FIXED = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
              "shift_factor": None, "latents_mean": None, "latents_std": None}
-    # A hint to pipelines to decode in float32; the caller picks the dtype here.
-    IGNORED = {"force_upcast"}
 
     def __post_init__(self):
         levels = len(self.block_out_channels)

@@ -7,15 +7,20 @@ from ..distributed import mean_over_ranks, shard
 
 @torch.no_grad()
 def encode_batch(pipe, batch: dict, generator: torch.Generator, rank: int = 0, world_size: int = 1):
-    """Images -> scaled latents x0 (sampled from the VAE posterior), texts -> CLIP hidden states.
-    Under DDP `batch` holds this rank's rows; the posterior noise is drawn for the whole batch and sliced."""
+    """Images -> scaled latents x0 (sampled from the VAE posterior); texts -> what the UNet takes besides the
+    noisy latents and timesteps, as `unet(x_t, t, context, **added)`: the context (CLIP hidden states) and, for
+    SDXL, `added` = the pooled text and the time ids of the training images ({} for SD 1 / 2). Returns
+    (x0, context, added). Under DDP `batch` holds this rank's rows; the posterior noise is drawn for the whole
+    batch and sliced."""
     pixels = batch["pixel_values"].to(pipe.device, pipe.dtype)
     posterior = pipe.vae.encode(pixels)
     # What posterior.sample(generator) draws, for world_size times as many rows: every rank takes its own.
     eps = torch.randn((world_size * len(pixels), *posterior.mean.shape[1:]), generator=generator,
                       device=generator.device, dtype=posterior.mean.dtype)
     sample = posterior.mean + posterior.std * shard(eps, rank, world_size).to(pipe.device)
-    return (sample * pipe.vae.config.scaling_factor).float(), pipe.encode_prompts(batch["text"])
+    # SDXL's time ids as at sampling: original and target size the training resolution, crop corner (0, 0).
+    context, added = pipe.conditioning(batch["text"], *pixels.shape[-2:])
+    return (sample * pipe.vae.config.scaling_factor).float(), context, added
 
 
 def draw_noise_and_timesteps(latents: torch.Tensor, num_train_timesteps: int, generator: torch.Generator,
