@@ -1,6 +1,7 @@
 """Hostile and unusual input: each case gives the correct result or a clean error that names the file, line or
 key, never a raw traceback or a silently wrong result."""
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -228,3 +229,101 @@ def test_the_miniature_never_reuses_a_run_made_with_other_settings(tmp_path, mon
     evaluate_args = type("Args", (), {"runs": str(tmp_path / "runs"), "seed": 0})()
     with pytest.raises(ValueError, match=r"other settings.*:\n  --seed: 1 in the checkpoint, 0 now$"):
         experiment.experiment_models(evaluate_args, [7])
+
+
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], "a config must be a JSON object, got a list"),
+    ({"block_out_channels": [32, -64]}, "'block_out_channels' = \\[32, -64\\] is out of range"),
+    ({"layers_per_block": 0}, "'layers_per_block' = 0 is out of range"),
+    ({"norm_num_groups": 10 ** 12}, "'norm_num_groups' = 1000000000000 is out of range"),
+])
+def test_configs_with_bad_sizes_are_named(tmp_path, model, config, message):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(model, folder)
+    path = folder / "unet" / "config.json"
+    raw = json.loads(path.read_text())
+    path.write_text(json.dumps(config if isinstance(config, list) else {**raw, **config}))
+    with pytest.raises(msd.models.config.ConfigError, match=f"unet/config.json: .*{message}"):
+        msd.load_pipeline(folder, device="cpu")
+
+
+SCRIPT_ARGUMENTS = [  # (script, arguments, what the one-line error names)
+    ("train", ["--steps", "0"], "--steps: must be a whole number >= 1"),
+    ("train", ["--steps", "-3"], "--steps: must be a whole number >= 1"),
+    ("train", ["--batch-size", "0"], "--batch-size: must be a whole number >= 1"),
+    ("train", ["--grad-accum", "0"], "--grad-accum: must be a whole number >= 1"),
+    ("train", ["--checkpoint-every", "0"], "--checkpoint-every: must be a whole number >= 1"),
+    ("train", ["--checkpoint-every", "-1"], "--checkpoint-every: must be a whole number >= 1"),
+    ("train", ["--ema", "2"], "--ema: must lie in \\[0, 1\\)"),
+    ("train", ["--lr", "nan"], "--lr: must be a finite number > 0"),
+    ("train", ["--device", "cuda:7"], "--device: cuda:7: no such CUDA device"),
+    ("train", ["--dtype", "float16"], "--dtype: float16 is refused in training"),
+    ("attack", ["--lora-rank", "-1"], "--lora-rank: must be a whole number >= 0"),
+    ("attack", ["--batch-size", "0"], "--batch-size: must be a whole number >= 1"),
+    ("sample", ["--prompt", "x", "--n", "0"], "--n: must be a whole number >= 1"),
+    ("sample", ["--prompt", "x", "--steps", "0"], "--steps: must be a whole number >= 1"),
+    ("evaluate", ["--harmful-digits", "12"], "--harmful-digits: '12': give comma-separated digits from 0 to 9"),
+    ("evaluate", ["--harmful-digits", "0,1,2,3,4,5,6,7,8,9"], "not all ten"),
+]
+
+
+@pytest.mark.parametrize("script, arguments, message", SCRIPT_ARGUMENTS,
+                         ids=[" ".join([s, *a]) for s, a, _ in SCRIPT_ARGUMENTS])
+def test_arguments_out_of_range_are_refused_before_any_work(script, arguments, message, capsys):
+    import attack
+    import evaluate
+    import train
+    from mini_safediff import sample
+
+    module = {"train": train, "attack": attack, "evaluate": evaluate, "sample": sample}[script]
+    with pytest.raises(SystemExit) as stop:
+        module.parse_args(arguments)
+    assert stop.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_bad_runs_are_refused_with_one_line_and_nothing_mixed(tmp_path, model):
+    import attack
+    import train
+
+    data = write_data(tmp_path / "data", [1, 2])
+    common = ["--model", str(model), "--data", str(data), "--device", "cpu", "--quiet", "--steps", "1"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--out .*file: is a file"):
+        train.train(train.parse_args([*common, "--out", str(tmp_path / "file")]))
+    train.train(train.parse_args([*common, "--out", str(tmp_path / "run")]))
+    log = (tmp_path / "run" / "log.jsonl").read_text()
+    with pytest.raises(ValueError, match="holds an earlier run"):  # a fresh run never erases the old log
+        train.train(train.parse_args([*common, "--out", str(tmp_path / "run"), "--seed", "3"]))
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log
+    for changed, named in [(["--seed", "3"], "--seed: 0 in the checkpoint, 3 now"),
+                           (["--method", "ng"], "--method: 'lt' in the checkpoint, 'ng' now"),
+                           (["--ema", "0.5"], "--ema: 0.0 in the checkpoint, 0.5 now")]:
+        with pytest.raises(ValueError, match=named):
+            train.train(train.parse_args([*common, "--out", str(tmp_path / "run"), "--resume", *changed]))
+    with pytest.raises(ValueError, match="not a plain name"):
+        attack.attack(attack.parse_args(["--model", f"../../x={model}", "--harmful-only-data", str(data),
+                                         "--out", str(tmp_path / "attack"), "--quiet", "--steps", "1"]))
+    assert not (tmp_path / "attack").exists() and not (tmp_path.parent / "x").exists()
+
+
+@pytest.mark.parametrize("command, message", [
+    (["train.py", "--steps", "0"], "train.py: error: argument --steps: must be a whole number >= 1, got 0"),
+    (["train.py", "--model", "no/such/model", "--steps", "1"], "train.py: no/such/model: no such model folder"),
+    (["attack.py", "--model", "m=no/such/model", "--steps", "1"], "attack.py: no/such/model: no such model folder"),
+    (["evaluate.py", "--model", "a=x", "--model", "a=y"], "evaluate.py: --model a=y: the name 'a' is given twice"),
+    (["-m", "mini_safediff.sample", "--prompt", "x", "--height", "7", "--steps", "1"],
+     "sample: generate: height and width must be divisible by 2"),
+])
+def test_scripts_fail_with_one_line_and_no_traceback(tmp_path, command, message):
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    script = [str(repo / command[0])] if command[0].endswith(".py") else command[:2]
+    rest = command[1:] if command[0].endswith(".py") else command[2:]
+    done = subprocess.run([sys.executable, *script, *rest], cwd=tmp_path, capture_output=True, text=True,
+                          env={**__import__("os").environ, "PYTHONPATH": str(repo)})
+    assert done.returncode != 0
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -17,7 +17,24 @@ class ConfigError(ValueError):
     pass
 
 
+# Whole-number options that may be 0 (token ids, shifts); every other one counts something and must be >= 1.
+MAY_BE_ZERO = {"freq_shift", "steps_offset", "bos_token_id", "eos_token_id", "pad_token_id"}
+# Far above any width, vocabulary or step count of a real model: a larger number is a corrupt config.
+LARGEST = 2**20
+
+
+def check_range(key: str, value, source: str) -> None:
+    for number in value if isinstance(value, list) else [value]:
+        if isinstance(number, int) and not isinstance(number, bool):
+            low = 0 if key in MAY_BE_ZERO else 1
+            if not low <= number <= LARGEST:
+                raise ConfigError(f"{source}: option {key!r} = {value!r} is out of range (whole numbers from {low} "
+                                  f"to {LARGEST})")
+
+
 def config_from_dict(cls, raw: dict, source: str = "config"):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: a config must be a JSON object, got a {type(raw).__name__}")
     fields = {f.name for f in dataclasses.fields(cls)}
     fixed = getattr(cls, "FIXED", {})
     ignored = getattr(cls, "IGNORED", set())
@@ -27,6 +44,7 @@ def config_from_dict(cls, raw: dict, source: str = "config"):
             continue
         if key in fields:
             kwargs[key] = list(value) if isinstance(value, tuple) else value
+            check_range(key, kwargs[key], source)
         elif key in fixed:
             allowed = fixed[key] if isinstance(fixed[key], (list, tuple, set)) else [fixed[key]]
             if value not in allowed:
@@ -50,6 +68,6 @@ def read_config(path, cls):
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return config_from_dict(cls, raw, str(path))
