@@ -1,11 +1,16 @@
-"""Pretraining the built-in model: deterministic, loadable, and the shipped weights/ work."""
+"""Pretraining the built-in model: deterministic, loadable, and the shipped weights/ work; the `unseen` control's
+UNet-only pretraining without a digit."""
+import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from safetensors import safe_open
 
-from mini_safediff.miniature.pretrain import Settings, main, pretrain
+from mini_safediff.miniature import digits
+from mini_safediff.miniature import pretrain as pretrain_module
+from mini_safediff.miniature.pretrain import Settings, denoiser_rows, main, pretrain, pretrain_unet
 from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 
 TINY = Settings(vae_channels=(8, 16), unet_channels=(8, 16), text_width=16, text_layers=1, vae_steps=2,
@@ -48,3 +53,38 @@ def test_shipped_weights_load_and_generate():
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8
     latents = pipe.generate(["the digit two"], steps=2, seed=0, progress=False, return_latents=True)
     assert latents.shape == (1, 4, 8, 8)
+
+
+def test_excluded_digits_never_reach_the_unet():
+    _, labels = digits.digits("generator")
+    rows = denoiser_rows(labels, exclude_digits=(7,))
+    assert 7 not in labels[rows] and len(rows) == (labels != 7).sum()  # every other image stays
+    np.testing.assert_array_equal(denoiser_rows(labels), np.arange(len(labels)))
+    for bad in ((10,), tuple(range(10))):
+        with pytest.raises(ValueError, match="exclude_digits"):
+            denoiser_rows(labels, bad)
+
+
+def test_unet_only_pretraining_without_a_digit(tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    pretrain(base, seed=3, settings=TINY, progress=False)
+    seen = []
+    real_train_denoiser = pretrain_module.train_denoiser
+    monkeypatch.setattr(pretrain_module, "train_denoiser",
+                        lambda *args, **kwargs: seen.append(args[5]) or real_train_denoiser(*args, **kwargs))
+    main(["--unet-only", "--base", str(base), "--exclude-digits", "7", "--out", str(tmp_path / "unseen"), "--quiet"])
+    assert len(seen) == 1 and len(seen[0]) > 0 and 7 not in seen[0]  # the labels the UNet trained on
+    record = json.loads((tmp_path / "unseen" / "pretrain.json").read_text())
+    assert record["excluded_digits"] == [7] and record["seed"] == 3 and record["settings"]["unet_steps"] == 2
+    assert sorted(weight_files(tmp_path / "unseen")) == ["unet/diffusion_pytorch_model.safetensors"]
+    with safe_open(tmp_path / "unseen" / "unet" / "diffusion_pytorch_model.safetensors", framework="pt") as f:
+        assert all(f.get_slice(key).get_dtype() == "F16" for key in f.keys())
+    pipe = load_pipeline(base, device="cpu", dtype=torch.float32, unet=tmp_path / "unseen")
+    shipped = load_pipeline(base, device="cpu", dtype=torch.float32)
+    assert not torch.equal(pipe.unet.conv_in.weight, shipped.unet.conv_in.weight)
+    assert torch.equal(pipe.text_encoder.text_model.embeddings.token_embedding.weight,
+                       shipped.text_encoder.text_model.embeddings.token_embedding.weight)  # shared, frozen
+    with pytest.raises(ValueError, match="overwrite"):
+        pretrain_unet(base, base=base, progress=False)
+    with pytest.raises(ValueError, match="seed and settings"):
+        main(["--unet-only", "--base", str(base), "--out", str(tmp_path / "x"), "--unet-steps", "5", "--quiet"])
