@@ -1,0 +1,178 @@
+"""The miniature study's plan, as data: which models, which attacks, which snapshots and seeds, and how many
+images, fixed before any of it runs (docs/miniature.md, "The study plan"). expand() turns it into the runs it
+needs (train, attack, evaluate), each with a key: a hash of every setting that defines the run, including the
+keys of the runs it starts from, so a cached result is reused only for exactly the same settings.
+
+    runs = expand(PLAN)                        # [Run(kind, model, ..., key, needs), ...]
+    [run for run in runs if run.kind == "train"]
+"""
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..models.pipeline import BUILTIN_MODEL
+from .experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
+
+# The official recipe's shape (docs/method.md): batch 1 with gradient accumulation 4, a cosine schedule without
+# warm-up, rows in their natural shuffled order (not class-balanced), 2,000 optimizer steps = about 5.5 epochs of
+# 1,452 images. Scaled to the miniature by keeping the epochs, not the steps: 5.5 epochs of the 899 generator
+# images at 4 images a step is 1,236 steps, rounded to 1,200 (5.3 epochs), so each image is seen as often as in
+# the official runs. The learning rate is the miniature's calibrated 3e-5, not the paper's 1e-5, which changes
+# nothing visible on this model (docs/miniature.md). No --random-flip, which the official scripts use: a mirrored
+# digit is another glyph (2, 3, 7 are not symmetric), so flipping would teach wrong clean digits.
+OFFICIAL_SHAPE = ("--preset", "paper", "--steps", "1200", "--batch-size", "1", "--grad-accum", "4", "--lr", "3e-5",
+                  "--lr-schedule", "cosine", "--warmup", "0", "--no-balanced")
+# The calibrated shape: the experiment's rows (`train.py --preset miniature`: 200 steps of batch 8, lr 3e-5,
+# constant, class-balanced, LT, lambda 3e-3, harmful weight -0.5).
+CALIBRATED = ("--preset", "miniature")
+
+
+@dataclass(frozen=True)
+class Model:
+    """How a plan model is made: train.py arguments (None: not trained) applied to `start`, another plan model
+    ("base" for the shipped one; for a reinforcement row the already-safe model of the same training seed), or,
+    untrained, the shipped model with `unet` loaded over it (None: the shipped UNet)."""
+    train: tuple | None = None
+    start: str = "base"
+    unet: str | None = None
+
+
+MODELS = {
+    "base": Model(),
+    # Pretrained by the base's recipe without digit 7 (`pretrain --unet-only --exclude-digits 7`): how fast the
+    # attack teaches a concept the model never learned, the floor to compare recovery with.
+    "unseen": Model(unet="unseen"),
+    # Gradient ascent on harmful rows, no contrastive term: the unlearning baseline of the experiment.
+    "naive": Model(train=CALIBRATED + ("--lambda", "0")),
+    # The official code as it runs: the contrastive term's value without gradient (clean-only fine-tuning), harmful
+    # weight 0 (train_latent.py, train_noise.py) or -0.5 (train_high.py, ascent), the paper's lambda.
+    "lt-official": Model(train=OFFICIAL_SHAPE + ("--method", "lt", "--lambda", "5e-5", "--no-contrast-grad",
+                                                 "--harmful-weight", "0")),
+    "ng-official": Model(train=OFFICIAL_SHAPE + ("--method", "ng", "--lambda", "5e-5", "--no-contrast-grad",
+                                                 "--harmful-weight", "0")),
+    "high-official": Model(train=OFFICIAL_SHAPE + ("--method", "lt", "--lambda", "5e-5", "--no-contrast-grad",
+                                                   "--harmful-weight", "-0.5")),
+    # LT and NG with the gradient on, in the official shape: with the ascent and the calibrated lambda, so that each
+    # differs from high-official by the gradient through the term, and from lt / ng below by the shape alone.
+    "lt-shape": Model(train=OFFICIAL_SHAPE + ("--method", "lt", "--lambda", "3e-3", "--harmful-weight", "-0.5")),
+    "ng-shape": Model(train=OFFICIAL_SHAPE + ("--method", "ng", "--lambda", "3e-3", "--harmful-weight", "-0.5")),
+    # LT and NG with the gradient on, calibrated: the experiment's rows, differing from naive by the term alone.
+    "lt": Model(train=CALIBRATED),
+    "ng": Model(train=CALIBRATED + ("--method", "ng")),
+    # Reinforcement: the contrastive term on an already-safe model (naive's, same training seed), without more
+    # ascent (harmful weight 0), as the paper applies LT / NG over a concept-erased UNet.
+    "naive+lt": Model(train=CALIBRATED + ("--harmful-weight", "0"), start="naive"),
+    "naive+ng": Model(train=CALIBRATED + ("--method", "ng", "--harmful-weight", "0"), start="naive"),
+}
+# attack.py arguments; --steps and --save-at come from the snapshots.
+ATTACKS = {"paper": ("--preset", "paper"),  # lr 1e-5, batch 1: the paper's attack
+           "strong": ("--preset", "miniature")}  # lr 1e-4, batch 8: the experiment's, calibrated on naive
+
+
+@dataclass(frozen=True)
+class Plan:
+    models: dict = field(default_factory=lambda: dict(MODELS))
+    attacks: dict = field(default_factory=lambda: dict(ATTACKS))
+    # Dense early, where naive recovers (its harmful rate is back above half of base's within 100 strong steps).
+    snapshots: tuple = (0, 10, 20, 30, 50, 75, 100, 150, 200)
+    train_seeds: tuple = (0, 1, 2)
+    attack_seeds: tuple = (0, 1)
+    images_per_prompt: int = 8  # clean digits: 9 x 4 prompts x 8 = 288 images a cell
+    harmful_images_per_prompt: int = 32  # digit 7: 4 prompts x 32 = 128 images a cell, the headline rate
+    sampling_steps: int = SAMPLING_STEPS
+    guidance: float = SAMPLING_GUIDANCE
+    image_seed: int = 0  # image j of prompt i gets seed image_seed + n * i + j: the same noise in every cell
+    harmful_digits: tuple = (7,)
+    base: str = str(BUILTIN_MODEL)
+    unseen_unet: str = str(BUILTIN_MODEL / "unseen")
+
+
+PLAN = Plan()
+
+
+@dataclass(frozen=True)
+class Run:
+    kind: str  # "train", "attack" or "evaluate"
+    model: str
+    train_seed: int | None  # None for untrained models
+    attack: str | None = None
+    attack_seed: int | None = None
+    step: int | None = None  # evaluate: the attack step of the weights judged (0: before any attack)
+    key: str = ""
+    needs: tuple = ()  # keys of the runs whose output this one reads
+
+
+def weights_digest(folder) -> str:
+    """A hash of a model folder's weight and config files (components one level down, the judge at the top), so
+    that new weights at the same path never reuse an old run."""
+    folder = Path(folder)
+    files = sorted([*folder.glob("*.safetensors"), *folder.glob("*/*.safetensors"), *folder.glob("*/config.json")])
+    if not files:
+        raise ValueError(f"{folder}: no weights to key the study's runs by")
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(folder)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+def settings_key(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _train_order(models: dict) -> list:
+    """Model names with every start before the models trained from it."""
+    order = []
+
+    def visit(name, path=()):
+        if name in path:
+            raise ValueError(f"plan models start from each other in a cycle: {' -> '.join(path + (name,))}")
+        if name not in order:
+            start = models[name].start
+            if models[name].train is not None and start != "base":
+                if start not in models or models[start].train is None:
+                    raise ValueError(f"plan model {name!r} starts from {start!r}, which is not a trained plan model")
+                visit(start, path + (name,))
+            order.append(name)
+    for name in models:
+        visit(name)
+    return order
+
+
+def expand(plan: Plan = PLAN, digests: dict | None = None) -> list[Run]:
+    """Every run the plan needs, in an order where a run comes after those it needs. digests: {"base", "unseen"}
+    weight digests (default: read from plan.base and plan.unseen_unet)."""
+    digests = digests or {"base": weights_digest(plan.base), "unseen": weights_digest(plan.unseen_unet)}
+    data = {"harmful_digits": list(plan.harmful_digits), "base": digests["base"]}
+    sampling = {"images_per_prompt": plan.images_per_prompt, "harmful_images_per_prompt": plan.harmful_images_per_prompt,
+                "sampling_steps": plan.sampling_steps, "guidance": plan.guidance, "image_seed": plan.image_seed,
+                "harmful_digits": list(plan.harmful_digits), "judge": digests["base"]}
+    runs, weights = [], {}  # weights: (model, train seed) -> key of the run (or shipped weights) they are
+    for name in _train_order(plan.models):
+        model = plan.models[name]
+        for seed in plan.train_seeds if model.train is not None else (None,):
+            if model.train is None:
+                unet = digests[model.unet] if model.unet else None
+                weights[name, seed] = settings_key({"kind": "pretrained", "base": digests["base"], "unet": unet})
+                continue
+            start = weights[model.start, seed] if model.start != "base" else digests["base"]
+            key = settings_key({"kind": "train", **data, "args": list(model.train), "seed": seed, "start": start})
+            runs.append(Run("train", name, seed, key=key, needs=(start,) if model.start != "base" else ()))
+            weights[name, seed] = key
+    trained = {run.key for run in runs}
+    attacked = [step for step in plan.snapshots if step > 0]
+    evaluations = []
+    for (name, seed), model_key in weights.items():
+        needs = (model_key,) if model_key in trained else ()  # shipped weights need no run
+        evaluations.append(Run("evaluate", name, seed, step=0, key=settings_key({"kind": "evaluate", **sampling,
+                                                                                "weights": model_key}), needs=needs))
+        for attack, args in plan.attacks.items():
+            for attack_seed in plan.attack_seeds:
+                key = settings_key({"kind": "attack", **data, "args": list(args), "steps": max(attacked),
+                                    "save_at": attacked, "seed": attack_seed, "model": model_key})
+                runs.append(Run("attack", name, seed, attack, attack_seed, key=key, needs=needs))
+                evaluations += [Run("evaluate", name, seed, attack, attack_seed, step,
+                                    key=settings_key({"kind": "evaluate", **sampling, "weights": key, "step": step}),
+                                    needs=(key,)) for step in attacked]
+    return runs + evaluations
+
