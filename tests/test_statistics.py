@@ -4,8 +4,9 @@ import math
 import numpy as np
 import pytest
 
-from mini_safediff.miniature.statistics import (auc_statistic, interval, paired_difference, recovery_auc,
-                                                recovery_statistic, steps_to_half)
+from mini_safediff.evaluation.metrics import frechet_distance
+from mini_safediff.miniature.statistics import (auc_statistic, interval, paired_difference, per_resample,
+                                                recovery_auc, recovery_statistic, steps_to_half)
 
 STEPS = [0, 10, 20, 50, 100]
 
@@ -43,6 +44,18 @@ def test_coverage_on_synthetic_runs_with_seed_effects():
         estimate = interval(runs, resamples=500)
         covered += estimate.low <= true_rate <= estimate.high
     assert 0.90 <= covered / 200 <= 0.995
+
+
+def test_any_statistic_of_pooled_features():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(400, 4))
+    runs = [rng.normal(loc=1.0, size=(100, 4)) for _ in range(3)]  # FD to real: about 4 (the mean shift squared)
+    fd = per_resample(lambda features: frechet_distance(features, real))
+    estimate = interval(runs, fd, resamples=200)
+    assert estimate.value == pytest.approx(frechet_distance(np.concatenate(runs), real))
+    assert estimate.low < estimate.high and 3 < estimate.value < 5
+    same = paired_difference(runs, runs, fd, resamples=50)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
 
 
 def test_steps_to_half_interpolates_between_snapshots():
