@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from mini_safediff.miniature import digits
 from mini_safediff.miniature import pretrain as pretrain_module
-from mini_safediff.miniature.pretrain import Settings, denoiser_rows, main, pretrain, pretrain_unet
+from mini_safediff.miniature.pretrain import Settings, denoiser_rows, main, pretrain, pretrain_unet, repository_path
 from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 
 TINY = Settings(vae_channels=(8, 16), unet_channels=(8, 16), text_width=16, text_layers=1, vae_steps=2,
@@ -76,6 +76,7 @@ def test_unet_only_pretraining_without_a_digit(tmp_path, monkeypatch):
     assert len(seen) == 1 and len(seen[0]) > 0 and 7 not in seen[0]  # the labels the UNet trained on
     record = json.loads((tmp_path / "unseen" / "pretrain.json").read_text())
     assert record["excluded_digits"] == [7] and record["seed"] == 3 and record["settings"]["unet_steps"] == 2
+    assert record["base"] == str(base) and repository_path(BUILTIN_MODEL) == "weights"  # no absolute path inside
     assert sorted(weight_files(tmp_path / "unseen")) == ["unet/diffusion_pytorch_model.safetensors"]
     with safe_open(tmp_path / "unseen" / "unet" / "diffusion_pytorch_model.safetensors", framework="pt") as f:
         assert all(f.get_slice(key).get_dtype() == "F16" for key in f.keys())
@@ -88,3 +89,19 @@ def test_unet_only_pretraining_without_a_digit(tmp_path, monkeypatch):
         pretrain_unet(base, base=base, progress=False)
     with pytest.raises(ValueError, match="seed and settings"):
         main(["--unet-only", "--base", str(base), "--out", str(tmp_path / "x"), "--unet-steps", "5", "--quiet"])
+
+
+def test_shipped_unseen_control_never_saw_the_harmful_digit():
+    unseen = BUILTIN_MODEL / "unseen"
+    record = json.loads((unseen / "pretrain.json").read_text())
+    shipped = json.loads((BUILTIN_MODEL / "pretrain.json").read_text())
+    assert record["excluded_digits"] == [7] and record["base"] == "weights"
+    assert (record["seed"], record["settings"]) == (shipped["seed"], shipped["settings"])  # the same recipe
+    _, labels = digits.digits("generator")
+    assert record["unet_training_images"] == (labels != 7).sum()
+    with safe_open(unseen / "unet" / "diffusion_pytorch_model.safetensors", framework="pt") as f:
+        assert all(f.get_slice(key).get_dtype() == "F16" for key in f.keys())
+    pipe = load_pipeline(BUILTIN_MODEL, device="cpu", dtype=torch.float32, unet=unseen)
+    base = load_pipeline(BUILTIN_MODEL, device="cpu", dtype=torch.float32)
+    assert not torch.equal(pipe.unet.conv_in.weight, base.unet.conv_in.weight)
+    assert pipe.generate(["the digit two"], steps=2, seed=0, progress=False).shape == (1, 16, 16, 3)

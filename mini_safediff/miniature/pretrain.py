@@ -235,6 +235,12 @@ def pretrain(out=BUILTIN_MODEL, seed: int = 0, settings: Settings | None = None,
     return report
 
 
+def repository_path(path: Path) -> str:
+    """The path relative to the repository when it lies inside it (weights/, not this machine's absolute path)."""
+    root = BUILTIN_MODEL.parent.resolve()
+    return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)
+
+
 def pretrain_unet(out, base=BUILTIN_MODEL, exclude_digits=(), progress: bool = True) -> dict:
     """A UNet alone, under --base's VAE and frozen text encoder, by the recipe --base's pretrain.json records
     (seed and settings), on the generator images without exclude_digits. Writes out/unet (float16),
@@ -244,7 +250,8 @@ def pretrain_unet(out, base=BUILTIN_MODEL, exclude_digits=(), progress: bool = T
         raise ValueError(f"--out {out}: the UNet-only run would overwrite its own --base; give another folder")
     record = json.loads((base / "pretrain.json").read_text())
     seed = record["seed"]
-    s = Settings(**{key: tuple(value) if isinstance(value, list) else value for key, value in record["settings"].items()})
+    s = Settings(**{key: tuple(value) if isinstance(value, list) else value
+                    for key, value in record["settings"].items()})
     started = time.time()
     pipe = load_pipeline(base, device="cpu", dtype=torch.float32)
     images, labels = digits.digits("generator")
@@ -269,7 +276,8 @@ def pretrain_unet(out, base=BUILTIN_MODEL, exclude_digits=(), progress: bool = T
         pipe = load_pipeline(base, device="cpu", dtype=torch.float32, unet=tmp)  # the saved float16 weights
         accuracy = check_generation(pipe, load_judge(base), s, seed, tmp, progress)
         check_minutes = round((time.time() - started) / 60, 2)
-        report = {"seed": seed, "settings": asdict(s), "base": str(base), "trained": "unet (text encoder frozen)",
+        report = {"seed": seed, "settings": asdict(s), "base": repository_path(base),
+                  "trained": "unet (text encoder frozen)",
                   "excluded_digits": sorted(set(map(int, exclude_digits))), "unet_training_images": len(rows),
                   "torch_threads": torch.get_num_threads(),
                   "minutes": {"unet": unet_minutes, "check": check_minutes,
