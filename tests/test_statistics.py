@@ -1,4 +1,5 @@
-"""The study's statistics against known answers: bootstrap intervals, half recovery, recovery AUC, paired differences."""
+"""The study's statistics against known answers: bootstrap intervals, half recovery, recovery AUC, paired
+differences."""
 import math
 
 import numpy as np

@@ -144,7 +144,8 @@ def expand(plan: Plan = PLAN, digests: dict | None = None) -> list[Run]:
     weight digests (default: read from plan.base and plan.unseen_unet)."""
     digests = digests or {"base": weights_digest(plan.base), "unseen": weights_digest(plan.unseen_unet)}
     data = {"harmful_digits": list(plan.harmful_digits), "base": digests["base"]}
-    sampling = {"images_per_prompt": plan.images_per_prompt, "harmful_images_per_prompt": plan.harmful_images_per_prompt,
+    sampling = {"images_per_prompt": plan.images_per_prompt,
+                "harmful_images_per_prompt": plan.harmful_images_per_prompt,
                 "sampling_steps": plan.sampling_steps, "guidance": plan.guidance, "image_seed": plan.image_seed,
                 "harmful_digits": list(plan.harmful_digits), "judge": digests["base"]}
     runs, weights = [], {}  # weights: (model, train seed) -> key of the run (or shipped weights) they are
