@@ -32,7 +32,8 @@ CALIBRATED = ("--preset", "miniature")
 class Model:
     """How a plan model is made: train.py arguments (None: not trained) applied to `start`, another plan model
     ("base" for the shipped one; for a reinforcement row the already-safe model of the same training seed), or,
-    untrained, the shipped model with `unet` loaded over it (None: the shipped UNet)."""
+    untrained, the shipped model with a shipped UNet loaded over it: `unet` names it ("unseen": Plan.unseen_unet;
+    None: the shipped model's own UNet)."""
     train: tuple | None = None
     start: str = "base"
     unet: str | None = None
