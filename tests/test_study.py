@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from mini_safediff.miniature.study import PLAN, Model, Plan, expand, weights_digest
+from mini_safediff.models.pipeline import BUILTIN_MODEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attack  # noqa: E402
@@ -107,3 +108,13 @@ def test_every_plan_argument_is_one_train_py_and_attack_py_take():
             official.no_contrast_grad, official.harmful_weight) == (1, 4, "cosine", 0, False, True, -0.5)
     paper, strong = (attack.parse_args(list(PLAN.attacks[name])) for name in ("paper", "strong"))
     assert (paper.lr, paper.batch_size, strong.lr, strong.batch_size) == (1e-5, 1, 1e-4, 8)
+
+
+def test_the_shipped_weights_key_the_plan(tmp_path):
+    assert len(expand(PLAN)) == len(expand(PLAN, DIGESTS))  # the digests of weights/ and weights/unseen
+    copy = tmp_path / "weights"
+    for path in BUILTIN_MODEL.rglob("*"):
+        if path.is_file() and "unseen" not in path.parts:
+            (copy / path.relative_to(BUILTIN_MODEL)).parent.mkdir(parents=True, exist_ok=True)
+            (copy / path.relative_to(BUILTIN_MODEL)).write_bytes(path.read_bytes())
+    assert weights_digest(copy) == weights_digest(BUILTIN_MODEL)  # the base's key ignores the unseen UNet in it
