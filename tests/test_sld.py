@@ -123,3 +123,35 @@ def test_sdxl_and_a_concept_without_sld_are_refused():
     with pytest.raises(ValueError, match="safety_concept is the concept of safety_guidance, which is not set"):
         tiny_pipeline("sd1").generate(["a"], steps=1, safety_concept="a cat", progress=False)
     assert isinstance(sld_config("max"), SLDConfig)
+
+
+def test_sample_command_writes_the_setting_into_each_png(model, tmp_path):
+    from mini_safediff import sample
+    from mini_safediff.images import read_png_text
+
+    sample.main(["--model", str(model), "--prompt", "a cat", "--n", "1", "--steps", "2", "--device", "cpu",
+                 "--safety-guidance", '{"sld_guidance_scale": 50}', "--safety-concept", "a dog", "--out",
+                 str(tmp_path), "--quiet"])
+    text = read_png_text(tmp_path / "0000-a-cat.png")
+    assert text["safety_guidance"] == '{"sld_guidance_scale": 50}' and text["safety_concept"] == "a dog"
+
+
+def test_evaluate_row_with_sld_records_it(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import evaluate
+    from mini_safediff.models.pipeline import BUILTIN_MODEL
+
+    common = ["--model", f"base={BUILTIN_MODEL}", "--n", "1", "--n-harmful", "1", "--steps", "2", "--device", "cpu"]
+    evaluate.main([*common, "--model", f"sld={BUILTIN_MODEL}", "--safety-guidance", "sld=max", "--out",
+                   str(tmp_path)])
+    base, sld = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert "safety_guidance" not in base
+    assert sld["safety_guidance"] == "max" and sld["safety_concept"] == DEFAULT_SAFETY_CONCEPT
+    with pytest.raises(ValueError, match="no --model row is named 'other'"):
+        evaluate.main([*common, "--safety-guidance", "other=max", "--out", str(tmp_path / "bad")])
+    with pytest.raises(SystemExit):  # argparse: the setting is checked when parsed
+        evaluate.main([*common, "--safety-guidance", "base=extreme", "--out", str(tmp_path / "bad")])

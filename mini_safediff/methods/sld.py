@@ -73,6 +73,13 @@ def sld_config(setting) -> SLDConfig | None:
     return SLDConfig(**values)
 
 
+def sld_row(setting, concept: str | None) -> dict:
+    """What a results row records of SLD: the setting and the concept of a row sampled with it ({} without)."""
+    if setting is None:
+        return {}
+    return {"safety_guidance": setting, "safety_concept": concept or DEFAULT_SAFETY_CONCEPT}
+
+
 class SafeLatentGuidance:
     """SLD's guidance for one batch of images: called once per sampler step, in order, it keeps the step count
     and the momentum nu."""
