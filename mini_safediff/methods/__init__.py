@@ -1,2 +1,2 @@
 """Safety methods: the paper's contrastive forgetting (contrastive.py) and the baselines Safe Latent Diffusion
-(sld.py) and Erasing Stable Diffusion (esd.py)."""
+(sld.py) and ESD, erasing concepts by fine-tuning (esd.py)."""
