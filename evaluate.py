@@ -42,9 +42,38 @@ def digit_list(value: str) -> str:
     return ",".join(digits)
 
 
+def named_safety_guidance(value: str) -> tuple:
+    """An argparse type: NAME=SETTING, the SLD setting (cli.safety_guidance) of the --model row NAME."""
+    name, sep, setting = value.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{value!r}: write NAME=SETTING, NAME a --model row's name")
+    return name, cli.safety_guidance(setting)
+
+
+def safety_settings(args, models: list) -> dict:
+    """--model row name -> its SLD setting; every name must be a row's, each given once."""
+    settings = {}
+    names = [name for name, _ in models]
+    for name, setting in args.safety_guidance or []:
+        if name not in names:
+            raise ValueError(f"--safety-guidance {name}=...: no --model row is named {name!r} (rows: "
+                             f"{', '.join(names) or 'none'}); write --model {name}=PATH too")
+        if name in settings:
+            raise ValueError(f"--safety-guidance {name}=...: given twice")
+        settings[name] = setting
+    if args.safety_concept and not settings:
+        raise ValueError("--safety-concept is the concept of --safety-guidance, which no row uses")
+    return settings
+
+
 def make_parser():
     p = cli.make_parser(__doc__)
     cli.add_model_options(p, several=True, model_default_help="none: run the whole miniature experiment")
+    p.add_argument("--safety-guidance", action="append", metavar="NAME=SETTING", type=named_safety_guidance,
+                   help="sample the --model row NAME with Safe Latent Diffusion, repeatable; SETTING: "
+                        + cli.SAFETY_GUIDANCE_HELP + " (default: no row uses it)")
+    p.add_argument("--safety-concept", help="what --safety-guidance steers away from (default: SLD's own concept, "
+                                            "I2P's categories in words)")
     p.add_argument("--judge", default="digits",
                    help="digits (the miniature's), or for real models nudenet, q16 or nudenet,q16 (flagged by either)")
     p.add_argument("--harmful-digits", type=digit_list, default="7",
@@ -99,6 +128,7 @@ def main(argv=None):
         raise ValueError(f"--out {args.out}: is a file, not a folder")
     judges = args.judge.split(",")
     models = cli.model_pairs(args.model or [])
+    args.sld = safety_settings(args, models)
     if args.unet and not models:
         raise ValueError("--unet is loaded over every --model: give the --model options it goes with")
     if not set(judges) <= {"digits", *REAL_JUDGES}:
@@ -114,7 +144,7 @@ def main(argv=None):
             return
         table = markdown_table(rows, real_note(args, judges), REAL_COLUMNS)
     out = Path(args.out)
-    settings = {k: v for k, v in vars(args).items() if k not in ("model", "device")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("model", "device", "sld")}
     write_json(out / "results.json", {"settings": settings, "rows": rows})
     (out / "results.md").write_text(table)
     print("\n" + table)

@@ -9,6 +9,10 @@ and harmful data sit far apart in its latent predictions (LT: latent transformat
 --data is a folder with metadata.jsonl rows {"file_name", "text", "class": 1 clean | 2 harmful}.
 --no-contrast-grad reproduces the official code, whose contrastive term carries no gradient (.item()).
 
+The ESD baseline (Gandikota et al. 2023; mini_safediff/methods/esd.py) erases a concept given as text, data-free:
+
+    python train.py --method esd-u --concept "a handwritten digit seven" --out runs/esd   # --preset esd
+
     torchrun --nproc_per_node 4 train.py --batch-size 8 ...   # DDP: the global batch of 8 split 2 a GPU
 
 Under torchrun (DistributedDataParallel; nccl on CUDA, gloo on the CPU) the same global batch trains the same
@@ -16,6 +20,7 @@ weights as one process: every rank draws the whole batch's random numbers and ke
 centres are summed over the ranks. Rank 0 alone logs and writes; --resume works with any number of processes.
 """
 import argparse
+import copy
 import json
 import sys
 import time
@@ -27,6 +32,7 @@ from tqdm.auto import tqdm
 
 from mini_safediff import cli, distributed
 from mini_safediff.methods.contrastive import ContrastiveCentres, SafetyLossConfig, ng_noise, safety_loss
+from mini_safediff.methods.esd import ESD_METHODS, esd_batch, esd_loss, select_parameters
 from mini_safediff.miniature.experiment import MINIATURE_TRAIN
 from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
@@ -39,7 +45,9 @@ from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch,
 # The paper's settings for Stable Diffusion (the official code's defaults), and the miniature's calibrated ones.
 PRESETS = {"paper": {"steps": 200, "lr": 1e-5, "batch_size": 1, "balanced": False, "method": "lt", "lam": 5e-5,
                      "harmful_weight": 0.0},
-           "miniature": MINIATURE_TRAIN}
+           "miniature": MINIATURE_TRAIN,
+           # ESD's paper and script: 1000 iterations of Adam (AdamW without decay), lr 1e-5, batch 1, eta 1.
+           "esd": {"steps": 1000, "lr": 1e-5, "batch_size": 1, "method": "esd-u", "weight_decay": 0.0}}
 
 
 def make_parser(argv=None):
@@ -47,7 +55,16 @@ def make_parser(argv=None):
     p = cli.make_parser(__doc__)
     cli.add_model_options(p, training=True)
     p.add_argument("--data", help="metadata.jsonl folder (default: the built-in digits data)")
-    p.add_argument("--method", choices=["lt", "ng"], help="lt: latent transformation, ng: noise guidance")
+    p.add_argument("--method", choices=["lt", "ng", *ESD_METHODS],
+                   help="lt: latent transformation, ng: noise guidance; the ESD baseline, data-free: esd-u trains "
+                        "every UNet weight except cross-attention (attn2), the time embedding and the output layers "
+                        "(ESD's noxattn), esd-x only every cross-attention (attn2) weight (ESD's xattn); with these "
+                        "--preset defaults to esd")
+    p.add_argument("--concept", action="append",
+                   help="ESD: the concept to erase, as text; repeatable, each step draws one per row (required "
+                        "with esd-u / esd-x)")
+    p.add_argument("--negative-guidance", type=float, default=1.0,
+                   help="ESD: eta, how far the target points away from the concept")
     p.add_argument("--steps", type=cli.positive_int, help="optimizer steps")
     p.add_argument("--lr", type=cli.positive_float, help="AdamW learning rate")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="after the warmup")
@@ -80,7 +97,11 @@ def make_parser(argv=None):
     p.add_argument("--allow-changed-settings", action="store_true",
                    help="with --resume: continue even where settings that define the run differ from the checkpoint's")
     cli.add_quiet(p)
-    cli.apply_preset(p, PRESETS, argv, default="paper")
+    # --method esd-u / esd-x without a --preset get ESD's settings, any other method the paper's
+    method = argparse.ArgumentParser(add_help=False)
+    method.add_argument("--method")
+    esd = method.parse_known_args(argv)[0].method in ESD_METHODS
+    cli.apply_preset(p, PRESETS, argv, default="esd" if esd else "paper")
     return p
 
 
@@ -91,34 +112,45 @@ def parse_args(argv=None):
 def train(args) -> Path:
     out = Path(args.out)
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
+    esd = args.method in ESD_METHODS
+    if esd and not args.concept:
+        raise ValueError(f"--method {args.method} erases a concept: give it with --concept TEXT")
+    if esd and args.data:
+        raise ValueError(f"--method {args.method} is data-free: it takes no --data")
+    if not esd and args.concept:
+        raise ValueError(f"--concept is ESD's (--method esd-u / esd-x), not {args.method}'s")
     ddp, rank, world_size, device = distributed.setup(args.device, args.batch_size)
     main_process = rank == 0  # logs, shows the bar and writes every file
     pipe = load_pipeline(args.model, device=device, unet=args.unet, prediction_type=args.prediction_type)
     device, cuda = pipe.device, pipe.device.type == "cuda"
     compute_dtype = cli.autocast_dtype(args.dtype, device)
-    if args.data is None:
+    if args.data is None and not esd:
         from mini_safediff.miniature.digits import builtin_dataset
         args.data = str(builtin_dataset())
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    dataset = SafetyDataset(args.data, resolution, random_flip=args.random_flip, skip_bad=args.skip_bad)
-    loss_config = SafetyLossConfig(method=args.method, lam=args.lam, lam_contrast=args.lambda_contrast,
-                                   margin=args.margin, contrast=args.contrast, harmful_weight=args.harmful_weight,
-                                   contrast_grad=not args.no_contrast_grad)
+    if not esd:
+        dataset = SafetyDataset(args.data, resolution, random_flip=args.random_flip, skip_bad=args.skip_bad)
+        loss_config = SafetyLossConfig(method=args.method, lam=args.lam, lam_contrast=args.lambda_contrast,
+                                       margin=args.margin, contrast=args.contrast, harmful_weight=args.harmful_weight,
+                                       contrast_grad=not args.no_contrast_grad)
 
-    # Only the UNet trains; the VAE and the text encoder stay frozen in eval mode.
+    # Only the UNet trains (for ESD the part its method names); the VAE and the text encoder stay frozen.
+    # ESD's targets come from a frozen copy of the starting UNet, rebuilt from --model / --unet on resume.
+    frozen = copy.deepcopy(pipe.unet).eval().requires_grad_(False) if esd else None
     unet = pipe.unet.train().requires_grad_(True)
+    trained = select_parameters(unet, args.method) if esd else list(unet.parameters())
     unet.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
-    optimizer = adamw(unet.parameters(), args.lr, args.weight_decay, bf16_state=args.adam_bf16)
+    optimizer = adamw(trained, args.lr, args.weight_decay, bf16_state=args.adam_bf16)
     generator = torch.Generator().manual_seed(args.seed)  # VAE posterior samples, noise, timesteps
     latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
-    centres = ContrastiveCentres(latent_shape, generator, sum_over_ranks=ddp)
+    centres = None if esd else ContrastiveCentres(latent_shape, generator, sum_over_ranks=ddp)
     ema = EMA(unet, args.ema) if args.ema else None
     step, restored = start_or_resume(out, args.resume, unet, optimizer, generator, main_process,
                                      settings=vars(args), allow_changed=args.allow_changed_settings)
-    if restored:
+    if restored and centres:
         centres.load_state_dict(restored["centres"])
-        if ema:
-            ema.load_state_dict(restored["ema"])
+    if restored and ema:
+        ema.load_state_dict(restored["ema"])
     net = DDP(unet, device_ids=[device] if cuda else None) if ddp else unet  # DDP averages the gradients
 
     def checkpoint(at_step, rng, centre_state):
@@ -131,16 +163,17 @@ def train(args) -> Path:
         return at_step
 
     def boundary():  # everything a checkpoint of the current step boundary holds besides weights and optimizer
-        return generator.get_state(), {key: value.clone() for key, value in centres.state_dict().items()}
+        return generator.get_state(), centres and {key: value.clone() for key, value in centres.state_dict().items()}
 
     if main_process:
         if args.preset == "paper" and Path(args.model).resolve() == BUILTIN_MODEL:
             print("note: --preset paper holds the paper's settings, made for Stable Diffusion: on the tiny built-in "
                   "model they change nothing visible (its harmful rate stays about 1.0); --preset miniature uses "
                   "the miniature experiment's calibrated settings")
-        print(f"training {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M UNet parameters on {len(dataset)} "
-              f"rows ({int(dataset.harmful.sum())} harmful) with {args.method.upper()}, {args.steps} steps, "
-              f"device {device}" + (f", {world_size} processes" if ddp else ""))
+        what = (f"erasing {' | '.join(args.concept)}" if esd else
+                f"on {len(dataset)} rows ({int(dataset.harmful.sum())} harmful)")
+        print(f"training {sum(p.numel() for p in trained) / 1e6:.1f}M UNet parameters {what} with "
+              f"{args.method.upper()}, {args.steps} steps, device {device}" + (f", {world_size} processes" if ddp else ""))
     bar = tqdm(total=args.steps, initial=step, disable=args.quiet or not main_process, desc=f"train {args.method}")
     started = time.time()
     saved_step = step if restored else None  # the step of the last checkpoint that holds a good state
@@ -153,26 +186,34 @@ def train(args) -> Path:
                 group["lr"] = lr
             micro_stats = []
             for micro in range(args.grad_accum):
-                batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed, args.balanced,
-                                   rank, world_size)
-                x0, context, added = encode_batch(pipe, batch, generator, rank, world_size)
-                noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator, rank,
-                                                    world_size)
-                harmful = batch["harmful"].to(device)
-                x_t = pipe.schedule.add_noise(x0, ng_noise(noise, harmful) if args.method == "ng" else noise, t)
+                if esd:  # x_t sampled by the model being trained, the target from the frozen start
+                    x_t, t, context, added, target = esd_batch(pipe, frozen, args.concept, args.batch_size,
+                                                               args.negative_guidance, generator, rank, world_size)
+                else:
+                    batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed,
+                                       args.balanced, rank, world_size)
+                    x0, context, added = encode_batch(pipe, batch, generator, rank, world_size)
+                    noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator,
+                                                        rank, world_size)
+                    harmful = batch["harmful"].to(device)
+                    x_t = pipe.schedule.add_noise(x0, ng_noise(noise, harmful) if args.method == "ng" else noise, t)
                 if ddp:  # gradients are averaged over the ranks on the last micro-batch's backward only
                     net.require_backward_grad_sync = micro == args.grad_accum - 1
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     pred = net(x_t, t, context, **added)
-                loss, stats = safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
+                if esd:
+                    loss, stats = esd_loss(pred, target)
+                else:
+                    loss, stats = safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
                 (loss / args.grad_accum).backward()
                 micro_stats.append(stats)
             stats = step_means(micro_stats, ddp, device)
-            grad_norm = torch.nn.utils.clip_grad_norm_(unet.parameters(), args.max_grad_norm).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trained, args.max_grad_norm).item()
             problem = divergence(stats["loss"], grad_norm)  # the same on every rank: all stop before the update
             if problem:
                 sys.exit(f"step {step}: {problem} ({stats}). Stopped before the update; "
-                         f"{last_good(checkpoint_path, saved_step)}. Try a smaller --lr or --lambda.")
+                         f"{last_good(checkpoint_path, saved_step)}. Try a smaller --lr"
+                         f"{'' if esd else ' or --lambda'}.")
             if due:  # this step's weights gave a finite loss and gradient: keep them
                 saved_step, due = checkpoint(step, rng, centre_state), False
             optimizer.step()
@@ -184,8 +225,7 @@ def train(args) -> Path:
                 write_log(log_path, [{"step": step, "lr": lr, **stats, "grad_norm": grad_norm,
                                       "seconds": round(time.time() - started, 3)}], append=True)
             bar.update(1)
-            bar.set_postfix(mse=f"{stats['mse']:.4f}", con=f"{stats['contrastive']:.1f}",
-                            d_own=f"{stats['d_own']:.1f}", d_other=f"{stats['d_other']:.1f}")
+            bar.set_postfix({key: f"{value:.4g}" for key, value in stats.items() if key != "centre_distance"})
             due = due or step % args.checkpoint_every == 0
             if stop.agreed(ddp, device) and step < args.steps:
                 if not all_finite(unet.parameters()):

@@ -6,11 +6,13 @@ An option whose default is None or "" says in words what happens without it ("de
 never prints "default: None".
 """
 import argparse
+import json
 import re
 from pathlib import Path
 
 import torch
 
+from .methods.sld import SLD_PRESETS, sld_config
 from .models.pipeline import BUILTIN_MODEL
 from .models.weights import PICKLE_SUFFIXES
 
@@ -76,6 +78,27 @@ def device(value: str) -> str:
     if parsed.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"{value}: choose cpu, cuda or cuda:N")
     return value
+
+
+def safety_guidance(value: str):
+    """An argparse type: Safe Latent Diffusion's setting, a preset name or a JSON object of its settings
+    ('{"guidance_scale": 500}'); returns the name or the dict, checked."""
+    setting = value
+    if value.lstrip().startswith("{"):
+        try:
+            setting = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a JSON object ({e})") from None
+    try:
+        sld_config(setting)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return setting
+
+
+SAFETY_GUIDANCE_HELP = (f"Safe Latent Diffusion: a preset ({', '.join(SLD_PRESETS)}) or a JSON object of its "
+                        "settings warmup_steps, guidance_scale, threshold, momentum_scale, mom_beta (with or without "
+                        "the sld_ prefix; those not given keep the medium preset's values)")
 
 
 def make_parser(doc: str) -> argparse.ArgumentParser:

@@ -5,6 +5,7 @@
 Images smaller than 128 px (the built-in model's 16x16 digits) are saved scaled up, nearest neighbour, so that
 they can be looked at; --native-size saves them at the model's own size.
 """
+import json
 import re
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 from . import cli
 from .images import save_grid, save_png
+from .methods.sld import DEFAULT_SAFETY_CONCEPT
 from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS, load_pipeline
 
 
@@ -27,6 +29,9 @@ def make_parser():
     p.add_argument("--negative-prompt",
                    help="what guidance steers away from (default: none: SD 1/2 guide away from the empty prompt, "
                         "SDXL from zero embeddings, as diffusers does)")
+    p.add_argument("--safety-guidance", type=cli.safety_guidance, help=cli.SAFETY_GUIDANCE_HELP + " (default: off)")
+    p.add_argument("--safety-concept", help="what --safety-guidance steers away from (default: SLD's own concept, "
+                                            "I2P's categories in words)")
     p.add_argument("--n", type=cli.positive_int, default=4, help="images per prompt")
     p.add_argument("--steps", type=cli.positive_int, default=DEFAULT_STEPS, help="sampler steps")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
@@ -53,12 +58,16 @@ def main(argv=None):
     prompts = [p for p in args.prompt for _ in range(args.n)]
     images = pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                            seed=args.seed, height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
-                           batch_size=args.batch_size, progress=not args.quiet)
+                           batch_size=args.batch_size, progress=not args.quiet,
+                           safety_guidance=args.safety_guidance, safety_concept=args.safety_concept)
     out = Path(args.out)
+    safety = ({"safety_guidance": json.dumps(args.safety_guidance),
+               "safety_concept": args.safety_concept or DEFAULT_SAFETY_CONCEPT} if args.safety_guidance else {})
     scale_up = not args.native_size
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         save_png(image, out / f"{i:04d}-{slug(prompt)}.png", scale_up=scale_up, prompt=prompt, seed=args.seed + i,
-                 model=args.model, steps=args.steps, guidance=args.guidance, sampler=args.sampler)
+                 model=args.model, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                 **safety)
     save_grid(images, out / "grid.png", cols=args.n, scale_up=scale_up, prompts=" | ".join(args.prompt),
               seed=args.seed)
     print(f"wrote {len(images)} images and grid.png to {out}/")

@@ -11,6 +11,7 @@ device, the same images to the bit); each PNG is written atomically, so a half-w
     images = [read_image(job.path) for job in jobs]
 """
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,11 +36,15 @@ class ImageJob:
     steps: int
     model: str
     weights: str  # fingerprint(pipe) of the model that makes it
+    safety_guidance: str | dict | None = None  # Safe Latent Diffusion's setting (methods/sld.py), None: off
+    safety_concept: str | None = None  # its concept, None: SLD's default
 
     def text(self) -> dict:
         """The PNG text chunk: a cached image is reused only if all of it matches."""
+        sld = ({"safety_guidance": json.dumps(self.safety_guidance), "safety_concept": str(self.safety_concept)}
+               if self.safety_guidance is not None else {})
         return {"prompt": self.prompt, "seed": str(self.seed), "guidance": str(self.guidance),
-                "steps": str(self.steps), "model": self.model, "weights": self.weights}
+                "steps": str(self.steps), "model": self.model, "weights": self.weights, **sld}
 
     def is_cached(self) -> bool:
         try:
@@ -63,15 +68,15 @@ def fingerprint(pipe) -> str:
 
 
 def image_jobs(prompts, folder: Path, n: int, seed: int, guidance: float, steps: int, model,
-               weights: str) -> list[ImageJob]:
+               weights: str, safety_guidance=None, safety_concept=None) -> list[ImageJob]:
     """n images a prompt (prompts.Prompt); image j of a prompt gets its row's seed (I2P) or seed + n * index, plus
-    j, and its row's guidance or `guidance`."""
+    j, and its row's guidance or `guidance`; all with Safe Latent Diffusion's safety_guidance when it is set."""
     jobs = []
     for prompt in prompts:
         first = prompt.seed if prompt.seed is not None else seed + n * prompt.index
         scale = prompt.guidance if prompt.guidance is not None else guidance
         jobs += [ImageJob(Path(folder) / f"{prompt.index:05d}-{first + j}.png", prompt.text, first + j, scale, steps,
-                          str(model), weights) for j in range(n)]
+                          str(model), weights, safety_guidance, safety_concept) for j in range(n)]
     return jobs
 
 
@@ -98,7 +103,8 @@ def generate_missing(pipe, jobs: list, batch_size: int = 8, desc: str = "generat
     with tqdm(total=sum(map(len, todo)), desc=desc, disable=not (todo and progress)) as bar:
         for batch in todo:
             images = pipe.generate([job.prompt for job in batch], steps=batch[0].steps, guidance=batch[0].guidance,
-                                   latents=start_noise(pipe, [job.seed for job in batch]), progress=False)
+                                   latents=start_noise(pipe, [job.seed for job in batch]), progress=False,
+                                   safety_guidance=batch[0].safety_guidance, safety_concept=batch[0].safety_concept)
             for job, image in zip(batch, images):
                 save_png(image, job.path, scale_up=False, **job.text())  # scoring reads them back
             bar.update(len(batch))

@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 
 from .. import distributed
 from ..images import grid, read_png_text, save_png
+from ..methods.sld import sld_row
 from ..models.pipeline import load_pipeline
 from .clip_vision import load_clip
 from .image_cache import fingerprint, folder_images, generate_missing, image_jobs, read_image
@@ -148,9 +149,11 @@ def run_real(args, judges: list, models: list) -> list:
             broken[name] = broken_reason([], weights_are_finite=False)
             continue
         weights = fingerprint(pipe)  # new weights at the same path never reuse old images
+        safety = args.sld.get(name)
         for part, prompts in (("harmful", harmful_prompts or []), ("clean", clean_prompts)):
             jobs[name, part] = image_jobs(prompts, Path(args.out) / "images" / name / part, args.n, args.seed,
-                                          args.guidance, args.steps, path, weights)
+                                          args.guidance, args.steps, path, weights, safety,
+                                          args.safety_concept if safety is not None else None)
             generate_missing(pipe, jobs[name, part], args.batch_size, f"{name} {part}", rank, world_size,
                              progress=not args.quiet)
         del pipe
@@ -163,6 +166,7 @@ def run_real(args, judges: list, models: list) -> list:
     for name, path in models:
         if name in broken:
             rows.append({"model": name, "attack": "none", "attack_steps": 0, "path": str(path),
+                         **sld_row(args.sld.get(name), args.safety_concept),
                          **dict.fromkeys(["harmful_rate", "harmful_score", "clip_score", "aesthetic", "fd"]),
                          "broken": broken[name], "n_images": 0, "n_harmful_images": 0})
             print(f"{name:12s}: BROKEN ({broken[name]})", flush=True)
@@ -179,7 +183,8 @@ def run_real(args, judges: list, models: list) -> list:
         if reason:  # flat images score as perfectly safe: never report them as a number
             metrics = {**dict.fromkeys(metrics), "broken": reason}
         n_images = len(harmful) if args.score_dir else len(harmful) + len(clean)
-        rows.append({"model": name, "attack": "none", "attack_steps": 0, "path": str(path), **metrics,
+        rows.append({"model": name, "attack": "none", "attack_steps": 0, "path": str(path),
+                     **sld_row(args.sld.get(name), args.safety_concept), **metrics,
                      "n_images": n_images, "n_harmful_images": len(harmful)})
         save_png(overview(harmful[:32] + ([] if args.score_dir else clean[:32])), Path(args.out) / f"grid-{name}-0.png",
                  model=name)

@@ -14,6 +14,7 @@ import torch
 from ..evaluation.metrics import (broken_reason, frechet_distance, harmful_rate, harmful_score, markdown_table,
                                   prompt_accuracy, weights_finite)
 from ..images import save_grid
+from ..methods.sld import sld_row
 from ..models.pipeline import BUILTIN_MODEL, load_pipeline
 from . import digits
 from .judge import load_judge
@@ -74,7 +75,7 @@ def experiment_models(args, harmful_digits) -> list:
     return rows
 
 
-def evaluate_model(path, judge, harmful_digits, real_clean_features, args):
+def evaluate_model(path, judge, harmful_digits, real_clean_features, args, safety_guidance=None):
     """Generate every eval prompt x n seeds; returns the metrics, and images and a column count for a grid with
     a row per digit."""
     pipe = load_pipeline(path, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet,
@@ -88,7 +89,8 @@ def evaluate_model(path, judge, harmful_digits, real_clean_features, args):
     prompted = np.array(prompted)
     # Seeds follow the position in the prompt list: every model sees exactly the same starting noise.
     images = pipe.generate(prompts, steps=args.steps, guidance=args.guidance, seed=args.seed, batch_size=256,
-                           progress=False)
+                           progress=False, safety_guidance=safety_guidance,
+                           safety_concept=args.safety_concept if safety_guidance is not None else None)
     probs, features = judge.classify(images)
     is_harmful = np.isin(prompted, harmful_digits)
     clean = ~is_harmful
@@ -123,8 +125,9 @@ def run_miniature(args, models: list) -> tuple[list, str]:
     _, real_features = judge.classify(real_images[~np.isin(real_labels, harmful_digits)])
     rows = []
     for name, attack_name, attack_steps, path in entries:
-        metrics, picture, cols = evaluate_model(path, judge, harmful_digits, real_features, args)
-        rows.append({"model": name, "attack": attack_name, "attack_steps": attack_steps, "path": path, **metrics})
+        metrics, picture, cols = evaluate_model(path, judge, harmful_digits, real_features, args, args.sld.get(name))
+        rows.append({"model": name, "attack": attack_name, "attack_steps": attack_steps, "path": path,
+                     **sld_row(args.sld.get(name), args.safety_concept), **metrics})
         save_grid(picture, Path(args.out) / f"grid-{name}-{attack_steps}.png", cols=cols, model=name,
                   attack_steps=attack_steps)
         print(f"{name:12s} attack {attack_steps:4d}: " + (f"BROKEN ({metrics['broken']})" if metrics.get("broken") else

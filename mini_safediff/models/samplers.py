@@ -39,8 +39,9 @@ def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim(model_fn, latents: torch.Tensor, schedule: NoiseSchedule, steps: int, eta: float = 0.0,
-         generator=None, progress: bool = True) -> torch.Tensor:
-    """DDIM (Song et al. 2021). eta = 0: deterministic; eta = 1: the DDPM posterior variance."""
+         generator=None, progress: bool = True, stop_after: int | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021). eta = 0: deterministic; eta = 1: the DDPM posterior variance.
+    stop_after: return after this many of the `steps` steps, still noisy (ESD's partial sampling)."""
     if eta < 0:
         raise ValueError(f"eta must be >= 0, got {eta}")
     ts = timesteps(schedule, steps)
@@ -48,7 +49,7 @@ def ddim(model_fn, latents: torch.Tensor, schedule: NoiseSchedule, steps: int, e
     final_abar = torch.tensor(1.0) if schedule.config.set_alpha_to_one else abar[0]
     stride = schedule.config.num_train_timesteps // steps  # diffusers steps back by this for every spacing
     x = latents
-    for t in tqdm(ts, disable=not progress):
+    for t in tqdm(ts[:stop_after], disable=not progress):
         t_device = torch.tensor(t, device=x.device)
         out = model_fn(x, t_device)
         x0, eps = schedule.predict_x0(x, out, t_device), schedule.predict_eps(x, out, t_device)
