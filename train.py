@@ -61,8 +61,8 @@ def make_parser(argv=None):
                         "(ESD's noxattn), esd-x only every cross-attention (attn2) weight (ESD's xattn); with these "
                         "--preset defaults to esd")
     p.add_argument("--concept", action="append",
-                   help="ESD: the concept to erase, as text; repeatable, each step draws one per row (required "
-                        "with esd-u / esd-x)")
+                   help="ESD: the concept to erase, as text; repeatable, each step draws one per row (default: "
+                        "none; required with esd-u / esd-x)")
     p.add_argument("--negative-guidance", type=float, default=1.0,
                    help="ESD: eta, how far the target points away from the concept")
     p.add_argument("--steps", type=cli.positive_int, help="optimizer steps")
