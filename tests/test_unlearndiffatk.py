@@ -1,6 +1,10 @@
 """UnlearnDiffAtk (methods/unlearndiffatk.py) on a tiny random model: the text encoder's embeddings path, the
 projection, that the optimisation lowers the attacked model's loss on the target, and that the adversarial
-prompt is made of real tokens."""
+prompt is made of real tokens; prompt_attack.py's outputs and defaults."""
+import json
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +12,10 @@ import torch
 from builders import tiny_pipeline
 from mini_safediff.methods.unlearndiffatk import (AttackSettings, adversarial_ids, attack_timesteps,
                                                   project_to_simplex, unlearn_diff_attack, word_tokens)
+from mini_safediff.miniature import digits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import prompt_attack  # noqa: E402
 
 PROMPT = "a handwritten digit seven"
 
@@ -89,3 +97,29 @@ def test_refusals_name_the_problem(pipe):
         unlearn_diff_attack(pipe, PROMPT, np.zeros((8, 8, 3), np.uint8), lambda text: False)
     with pytest.raises(ValueError, match="not SDXL"):
         unlearn_diff_attack(tiny_pipeline("sdxl"), PROMPT, np.zeros((16, 16, 3), np.uint8), lambda text: False)
+
+
+def test_script_writes_each_models_prompts_and_asr(model, tmp_path):
+    rows = prompt_attack.main(["--model", f"a={model}", "--model", f"b={model}", "--reference", str(model),
+                               "--iterations", "2", "--timesteps", "2", "--steps", "2", "--device", "cpu", "--quiet",
+                               "--out", str(tmp_path / "out")])
+    assert [row["model"] for row in rows] == ["a", "b"]
+    saved = json.loads((tmp_path / "out" / "a" / "prompt_attack.json").read_text())
+    assert [r["prompt"] for r in saved["results"]] == digits.eval_prompts(7)
+    for r in saved["results"]:
+        assert r["adversarial_prompt"].endswith(r["prompt"]) and (r["step"] is not None) == r["success"]
+        assert r["step"] in (None, 0, 2, 4) and len(r["losses"]) == (4 if r["step"] is None else r["step"])
+    assert saved["asr"] == sum(r["success"] for r in saved["results"]) / 4 == rows[0]["asr"]
+    assert saved["settings"]["tokens"] == 5 and saved["settings"]["harmful_digits"] == [7]
+    assert "| a |" in (tmp_path / "out" / "asr.md").read_text()
+
+
+def test_script_defaults_are_the_authors_and_nudenet_needs_its_inputs():
+    args = prompt_attack.parse_args([])
+    assert (args.tokens, args.iterations, args.timesteps, args.lr, args.weight_decay) == (5, 40, 50, 0.01, 0.1)
+    assert (args.steps, args.guidance) == (20, 5.0)
+    assert prompt_attack.parse_args(["--judge", "nudenet"]).steps == 50
+    with pytest.raises(ValueError, match="--judge nudenet: give --reference"):
+        prompt_attack.main(["--judge", "nudenet", "--prompts", "p.txt"])
+    with pytest.raises(SystemExit):
+        prompt_attack.parse_args(["--harmful-digits", "7,x"])
