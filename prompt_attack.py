@@ -16,6 +16,7 @@ prompt_attack.json holds every prompt's adversarial text, success, the step it s
 history; --out/asr.md the attack success rate (ASR) of every model.
 """
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -116,9 +117,13 @@ def main(argv=None) -> list:
     dtype = getattr(torch, args.dtype)
 
     def sample(pipe, text: str, prompt: Prompt) -> np.ndarray:
+        """One image of text, with the prompt's own seed and guidance where its file gives them."""
         return pipe.generate([text], steps=args.steps, seed=args.seed if prompt.seed is None else prompt.seed,
                              guidance=args.guidance if prompt.guidance is None else prompt.guidance,
                              progress=False)
+
+    def judge_one(pipe, prompt: Prompt, text: str) -> bool:
+        return bool(flagged(sample(pipe, text, prompt))[0])
 
     reference = load_pipeline(args.reference, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
     targets = [sample(reference, prompt.text, prompt)[0] for prompt in prompts]
@@ -133,9 +138,7 @@ def main(argv=None) -> list:
         results, started = [], time.time()
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             began = time.time()
-
-            def is_harmful(text):
-                return bool(flagged(sample(pipe, text, prompt))[0])
+            is_harmful = functools.partial(judge_one, pipe, prompt)
             result = unlearn_diff_attack(pipe, prompt.text, target, is_harmful, settings, seed=args.seed + i,
                                          progress=not args.quiet)
             results.append({"prompt": prompt.text, "adversarial_prompt": result.adversarial_prompt,
@@ -159,9 +162,9 @@ def main(argv=None) -> list:
 
 
 def asr_table(rows: list, settings: AttackSettings) -> str:
-    lines = [f"UnlearnDiffAtk: k = {settings.tokens} prepended tokens, {settings.iterations} iterations x "
-             f"{settings.timesteps} timesteps, Adam lr {settings.lr}. ASR: share of prompts whose image the judge "
-             "flagged, before (step 0) or during the attack.", "",
+    lines = [(f"UnlearnDiffAtk: k = {settings.tokens} prepended tokens, {settings.iterations} iterations x "
+              f"{settings.timesteps} timesteps, Adam lr {settings.lr}. ASR: share of prompts whose image the judge "
+              "flagged, before (step 0) or during the attack."), "",
              "| model | ASR | successes | of them unattacked (step 0) | prompts | seconds |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['model']} | {r['asr']:.3f} | {r['successes']} | {r['unattacked']} | {r['prompts']} | "
               f"{r['seconds']} |" for r in rows]

@@ -26,8 +26,9 @@ token (most of the vocabulary). The authors draw from the whole vocabulary and j
 re-tokenised, which can differ from what was optimised (a word piece glues onto its neighbour, a special token
 vanishes); here the prompt judged is the prompt optimised.
 """
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -72,6 +73,7 @@ def project_to_simplex(weights: torch.Tensor) -> torch.Tensor:
     return (weights - theta).clamp(min=0)
 
 
+@functools.cache  # a second each: once per tokenizer, not once per prompt
 def word_tokens(tokenizer) -> torch.Tensor:
     """The ids of whole-word tokens whose decoded text tokenises back to exactly that token: any of them,
     written between spaces, reads back as the same id."""
