@@ -17,13 +17,14 @@ from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attack  # noqa: E402
 import evaluate  # noqa: E402
+import prompt_attack  # noqa: E402
 import train  # noqa: E402
 
 PARSERS = {"train.py": train.make_parser, "attack.py": attack.make_parser, "evaluate.py": evaluate.make_parser,
-           "sample": sample.make_parser}
+           "prompt_attack.py": prompt_attack.make_parser, "sample": sample.make_parser}
 
 
-@pytest.mark.parametrize("script", [attack, evaluate], ids=["attack", "evaluate"])
+@pytest.mark.parametrize("script", [attack, evaluate, prompt_attack], ids=["attack", "evaluate", "prompt_attack"])
 def test_repeated_model_options_keep_every_model(script):
     args = script.parse_args(["--model", "base=weights", "--model", "lt=runs/lt/model"])
     assert cli.model_pairs(args.model) == [("base", "weights"), ("lt", "runs/lt/model")]

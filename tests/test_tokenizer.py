@@ -69,6 +69,14 @@ def test_default_matches_transformers(sd):
     assert ours.model_max_length == 77 and ours.pad_token_id == {"sd1": 49407, "sd2": 0}[sd]
 
 
+@pytest.mark.parametrize("sd", ["sd1", "sd2"])
+def test_decode_matches_transformers(sd):
+    ours, ref = CLIPTokenizer.default(pad_token=SD_PADS[sd]), reference(SD_PADS[sd])
+    rows = ours(ALL_PROMPTS).tolist() + [random.Random(0).sample(range(49408), 20) for _ in range(50)]
+    mismatches = [row for row in rows if ours.decode(row) != ref.decode(row, skip_special_tokens=True)]
+    assert not mismatches, f"{len(mismatches)} id lists decode differently, e.g. {mismatches[:2]}"
+
+
 def test_shapes_truncation_and_padding():
     ours = CLIPTokenizer.default()
     one = ours("a photo of a cat")

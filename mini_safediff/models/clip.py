@@ -1,6 +1,7 @@
 """The CLIP text transformer that conditions Stable Diffusion (Radford et al. 2021), equal to the
 last_hidden_state of transformers' CLIPTextModel: token ids (B, N <= 77) -> hidden states (B, N, D),
-after the final layer norm.
+after the final layer norm. Instead of ids it also takes their token embeddings (B, N, D), as transformers'
+CLIPTextEmbeddings does with inputs_embeds: a prompt attack differentiates through them (unlearndiffatk.py).
 
 SD 1.x uses OpenAI's CLIP ViT-L/14 (quick_gelu); SD 2.x the first 23 of the 24 layers of OpenCLIP's
 ViT-H/14 (gelu). SDXL uses two: CLIP ViT-L/14 and OpenCLIP ViT-bigG/14 with its projection head
@@ -100,8 +101,13 @@ class Embeddings(nn.Module):
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
         self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # (B, N) -> (B, N, D)
-        return self.token_embedding(input_ids) + self.position_embedding.weight[:input_ids.shape[1]]
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, N), or their token embeddings (B, N, D) -> (B, N, D) with the positions added."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("CLIP text model: give input_ids or inputs_embeds, exactly one")
+        if inputs_embeds is None:
+            inputs_embeds = self.token_embedding(input_ids)
+        return inputs_embeds + self.position_embedding.weight[:inputs_embeds.shape[1]]
 
 
 class TextTransformer(nn.Module):
@@ -113,17 +119,20 @@ class TextTransformer(nn.Module):
                                                               for _ in range(config.num_hidden_layers))})
         self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids (B, N) with N <= max_position_embeddings -> last hidden state (B, N, hidden_size)."""
-        return self.hidden_states(input_ids)[1]
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids (B, N) with N <= max_position_embeddings, or their token embeddings (B, N, hidden_size)
+        -> last hidden state (B, N, hidden_size)."""
+        return self.hidden_states(input_ids, inputs_embeds)[1]
 
-    def hidden_states(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def hidden_states(self, input_ids: torch.Tensor | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(penultimate, last), both (B, N, hidden_size): the input of the last layer (transformers'
         hidden_states[-2], no final layer norm: what SDXL conditions on) and the last hidden state."""
         positions = self.embeddings.position_embedding.num_embeddings
-        if input_ids.shape[1] > positions:
-            raise ValueError(f"CLIP text model: {input_ids.shape[1]} tokens, at most {positions} fit")
-        x = self.embeddings(input_ids)
+        tokens = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        if tokens > positions:
+            raise ValueError(f"CLIP text model: {tokens} tokens, at most {positions} fit")
+        x = self.embeddings(input_ids, inputs_embeds)
         for layer in self.encoder.layers[:-1]:
             x = layer(x)
         return x, self.final_layer_norm(self.encoder.layers[-1](x))
@@ -146,8 +155,8 @@ class CLIPTextModel(nn.Module):
         self.config = config
         self.text_model = TextTransformer(config)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_model(input_ids)
+    def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text_model(input_ids, inputs_embeds)
 
 
 class CLIPTextModelWithProjection(nn.Module):

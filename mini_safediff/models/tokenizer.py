@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
@@ -66,6 +66,7 @@ class CLIPTokenizer:
         self.backend.post_processor = TemplateProcessing(
             single=f"{self.bos_token} $A {self.eos_token}",
             special_tokens=[(self.bos_token, vocab[self.bos_token]), (self.eos_token, vocab[self.eos_token])])
+        self.backend.decoder = decoders.ByteLevel()  # the byte stand-ins back to text; "</w>" stays, see decode
         self.backend.add_special_tokens(list(tokens.values()))
         # truncation leaves room for the two tokens the template adds, so the end token always survives
         self.backend.enable_truncation(self.model_max_length)
@@ -76,6 +77,11 @@ class CLIPTokenizer:
         if isinstance(prompts, str):
             prompts = [prompts]
         return torch.tensor([encoding.ids for encoding in self.backend.encode_batch(prompts)])
+
+    def decode(self, ids) -> str:
+        """The text of token ids without the special tokens, as transformers' decode(ids, skip_special_tokens=True):
+        each word's end marker "</w>" becomes a space."""
+        return self.backend.decode(list(ids), skip_special_tokens=True).replace("</w>", " ").strip()
 
     @classmethod
     def default(cls, pad_token: str = EOS) -> "CLIPTokenizer":
