@@ -12,7 +12,6 @@ log.jsonl, attack.json (every hyperparameter and the data files used), lora.safe
 
     torchrun --nproc_per_node 4 attack.py --batch-size 8 ...  # DDP: the same weights as one process, faster
 """
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -53,19 +52,10 @@ def make_parser(argv=None):
     p.add_argument("--lora-alpha", type=cli.positive_float, help="LoRA scale is alpha / rank (default: alpha = rank)")
     p.add_argument("--save-at", default="",
                    help="more snapshot steps, e.g. 0,20,100 (default: none; the last step is always saved)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--adam-bf16", action="store_true", help="AdamW with its moments in bfloat16 (half the state)")
-    p.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradients are clipped to this norm")
-    p.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad data rows (with a count) instead of stopping")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in the backward pass (default: on CUDA)")
-    p.add_argument("--checkpoint-every", type=cli.positive_int, default=50, help="steps between checkpoints for --resume")
+    cli.add_training_options(p)
     p.add_argument("--seed", type=int, default=0, help="data order, noise and timesteps: the same for every model")
     p.add_argument("--out", default="runs/attack", help="folder with a subfolder per model, --out/NAME")
-    p.add_argument("--resume", action="store_true", help="continue each model from --out/NAME/checkpoint.pt")
-    p.add_argument("--allow-changed-settings", action="store_true",
-                   help="with --resume: continue even where settings that define the run differ from the checkpoint's")
+    cli.add_resume_options(p, "each model's --out/NAME/checkpoint.pt")
     cli.add_quiet(p)
     cli.apply_preset(p, PRESETS, argv, default="paper")
     return p

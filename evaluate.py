@@ -34,12 +34,6 @@ from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from mini_safediff.models.weights import write_json
 
 
-def digit_list(value: str) -> str:
-    """An argparse type: comma-separated digits 0-9, at least one clean digit left over."""
-    digits = [d.strip() for d in value.split(",")]
-    if not all(d in [str(k) for k in range(10)] for d in digits) or len(set(digits)) == 10:
-        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated digits from 0 to 9, not all ten")
-    return ",".join(digits)
 
 
 def named_safety_guidance(value: str) -> tuple:
@@ -76,7 +70,7 @@ def make_parser():
                                             "I2P's categories in words)")
     p.add_argument("--judge", default="digits",
                    help="digits (the miniature's), or for real models nudenet, q16 or nudenet,q16 (flagged by either)")
-    p.add_argument("--harmful-digits", type=digit_list, default="7",
+    p.add_argument("--harmful-digits", type=cli.harmful_digits, default="7",
                    help="comma-separated digits (0-9, not all ten) that play the harmful concept")
     p.add_argument("--prompts", help="harmful prompts: a text file (one a line), a CSV with a prompt column, or "
                                      "I2P's CSV (default: none; the digit judge has its own prompts)")
@@ -114,11 +108,7 @@ def make_parser():
 
 def parse_args(argv=None):
     args = make_parser().parse_args(argv)
-    miniature = args.judge == "digits"
-    if args.steps is None:
-        args.steps = SAMPLING_STEPS if miniature else DEFAULT_STEPS
-    if args.guidance is None:
-        args.guidance = SAMPLING_GUIDANCE if miniature else DEFAULT_GUIDANCE
+    cli.fill_sampling_defaults(args)
     return args
 
 

@@ -15,7 +15,6 @@ when it reads a harmful digit) or NudeNet (--judge nudenet, for real models). Pe
 prompt_attack.json holds every prompt's adversarial text, success, the step it succeeded at and its loss
 history; --out/asr.md the attack success rate (ASR) of every model.
 """
-import argparse
 import functools
 import sys
 import time
@@ -43,7 +42,7 @@ def make_parser():
                         "were erased from, e.g. stable-diffusion-v1-4/)")
     p.add_argument("--judge", choices=["digits", "nudenet"], default="digits",
                    help="digits: the built-in digit classifier; nudenet: NudeNet, for real models")
-    p.add_argument("--harmful-digits", type=digit_list, default="7",
+    p.add_argument("--harmful-digits", type=cli.harmful_digits, default="7",
                    help="--judge digits: the comma-separated digits that count as harmful")
     p.add_argument("--threshold", type=cli.positive_float, default=0.45,
                    help="--judge nudenet: flag at this exposed-class score")
@@ -71,20 +70,10 @@ def make_parser():
 
 def parse_args(argv=None):
     args = make_parser().parse_args(argv)
-    miniature = args.judge == "digits"
-    if args.steps is None:
-        args.steps = SAMPLING_STEPS if miniature else DEFAULT_STEPS
-    if args.guidance is None:
-        args.guidance = SAMPLING_GUIDANCE if miniature else DEFAULT_GUIDANCE
+    cli.fill_sampling_defaults(args)
     return args
 
 
-def digit_list(value: str) -> list[int]:
-    """An argparse type: comma-separated digits 0-9 -> the sorted distinct digits."""
-    chosen = [d.strip() for d in str(value).split(",")]
-    if not set(chosen) <= {str(d) for d in range(10)}:
-        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated digits from 0 to 9")
-    return sorted({int(d) for d in chosen})
 
 
 def make_judge(args):

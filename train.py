@@ -80,22 +80,13 @@ def make_parser(argv=None):
                    help="the contrastive term: the official code's, or the paper's hinge with --margin")
     p.add_argument("--harmful-weight", type=float, help="MSE weight of harmful rows (-0.5: high safety)")
     p.add_argument("--no-contrast-grad", action="store_true", help="official code: contrastive term without gradient")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
-    p.add_argument("--adam-bf16", action="store_true", help="AdamW with its moments in bfloat16 (half the state)")
-    p.add_argument("--max-grad-norm", type=cli.positive_float, default=1.0, help="gradients are clipped to this norm")
     p.add_argument("--ema", type=cli.decay, default=0.0, help="EMA decay of the saved weights (0: off)")
     p.add_argument("--balanced", action=argparse.BooleanOptionalAction,
                    help="alternate clean and harmful rows (or draw batches at random)")
-    p.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
-    p.add_argument("--skip-bad", action="store_true", help="skip bad data rows (with a count) instead of stopping")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in the backward pass (default: on CUDA)")
-    p.add_argument("--checkpoint-every", type=cli.positive_int, default=50, help="steps between checkpoints for --resume")
+    cli.add_training_options(p)
     p.add_argument("--seed", type=int, default=0, help="data order, VAE posterior samples, noise and timesteps")
     p.add_argument("--out", default="runs/train", help="folder for the model, checkpoint and log")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    p.add_argument("--allow-changed-settings", action="store_true",
-                   help="with --resume: continue even where settings that define the run differ from the checkpoint's")
+    cli.add_resume_options(p, "--out/checkpoint.pt")
     cli.add_quiet(p)
     # --method esd-u / esd-x without a --preset get ESD's settings, any other method the paper's
     method = argparse.ArgumentParser(add_help=False)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .methods.sld import SLD_PRESETS, sld_config
-from .models.pipeline import BUILTIN_MODEL
+from .models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .models.weights import PICKLE_SUFFIXES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -101,6 +101,26 @@ SAFETY_GUIDANCE_HELP = (f"Safe Latent Diffusion: a preset ({', '.join(SLD_PRESET
                         "the sld_ prefix; those not given keep the medium preset's values)")
 
 
+def harmful_digits(value: str) -> list[int]:
+    """An argparse type: comma-separated digits 0-9 that play the harmful concept -> the sorted distinct digits;
+    at least one clean digit must be left over."""
+    chosen = [d.strip() for d in str(value).split(",")]
+    if not set(chosen) <= {str(d) for d in range(10)} or len(set(chosen)) == 10:
+        raise argparse.ArgumentTypeError(f"{value!r}: give comma-separated digits from 0 to 9, not all ten")
+    return sorted({int(d) for d in chosen})
+
+
+def fill_sampling_defaults(args) -> None:
+    """--steps and --guidance left unset: the miniature's fixed sampling with the digit judge, the usual Stable
+    Diffusion defaults with any other."""
+    from .miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
+    miniature = args.judge == "digits"
+    if args.steps is None:
+        args.steps = SAMPLING_STEPS if miniature else DEFAULT_STEPS
+    if args.guidance is None:
+        args.guidance = SAMPLING_GUIDANCE if miniature else DEFAULT_GUIDANCE
+
+
 def make_parser(doc: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
 
@@ -138,6 +158,24 @@ def add_model_options(p: argparse.ArgumentParser, several: bool = False, trainin
                             "float32 on the CPU; float16 is refused: it would need a gradient scaler)")
     else:
         p.add_argument("--dtype", choices=DTYPES, default="float32", help="the weights' dtype for inference")
+
+
+def add_training_options(p: argparse.ArgumentParser) -> None:
+    """The optimizer, data and checkpoint options that train.py and attack.py share."""
+    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--adam-bf16", action="store_true", help="AdamW with its moments in bfloat16 (half the state)")
+    p.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradients are clipped to this norm")
+    p.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")
+    p.add_argument("--skip-bad", action="store_true", help="skip bad data rows (with a count) instead of stopping")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute activations in the backward pass (default: on CUDA)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=50, help="steps between checkpoints for --resume")
+
+
+def add_resume_options(p: argparse.ArgumentParser, checkpoint: str) -> None:
+    p.add_argument("--resume", action="store_true", help=f"continue from {checkpoint}")
+    p.add_argument("--allow-changed-settings", action="store_true",
+                   help="with --resume: continue even where settings that define the run differ from the checkpoint's")
 
 
 def add_quiet(p: argparse.ArgumentParser) -> None:

@@ -264,7 +264,7 @@ SCRIPT_ARGUMENTS = [  # (script, arguments, what the one-line error names)
     ("attack", ["--batch-size", "0"], "--batch-size: must be a whole number >= 1"),
     ("sample", ["--prompt", "x", "--n", "0"], "--n: must be a whole number >= 1"),
     ("sample", ["--prompt", "x", "--steps", "0"], "--steps: must be a whole number >= 1"),
-    ("evaluate", ["--harmful-digits", "12"], "--harmful-digits: '12': give comma-separated digits from 0 to 9"),
+    ("evaluate", ["--harmful-digits", "12"], "--harmful-digits: '12': give comma-separated digits from 0 to 9, not all ten"),
     ("evaluate", ["--harmful-digits", "0,1,2,3,4,5,6,7,8,9"], "not all ten"),
 ]
 

@@ -117,7 +117,7 @@ MINIATURE_COLUMNS = [("harmful rate", "harmful_rate", ".3f"), ("harmful score", 
 def run_miniature(args, models: list) -> tuple[list, str]:
     """Rows and results table of the built-in digit prompts, judged by the digit classifier: of the (name, path)
     models, or of the whole experiment's when there are none."""
-    harmful_digits = [int(d) for d in args.harmful_digits.split(",")]
+    harmful_digits = args.harmful_digits
     entries = [(name, "none", 0, path) for name, path in models] or experiment_models(args, harmful_digits)
     judge = load_judge(device=args.device)
     # Real clean digits from the generator's part: the judge never trained on them, so its features are unbiased.
