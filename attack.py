@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from mini_safediff import cli, distributed
 from mini_safediff.miniature.experiment import MINIATURE_ATTACK
-from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
+from mini_safediff.models.loading import load_pipeline
+from mini_safediff.models.pipeline import BUILTIN_MODEL
 from mini_safediff.models.weights import save_state_dict, write_json
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
 from mini_safediff.training.data import SafetyDataset, load_batch
@@ -30,7 +31,6 @@ from mini_safediff.training.guard import StopRequest, all_finite, divergence, la
 from mini_safediff.training.lora import add_lora, lora_state_dict, merged_state_dict
 from mini_safediff.training.optim import adamw
 from mini_safediff.training.steps import diffusion_loss, draw_noise_and_timesteps, encode_batch, step_means
-
 
 # The paper's attack on Stable Diffusion, and the miniature experiment's calibrated one.
 PRESETS = {"paper": {"lr": 1e-5, "batch_size": 1, "steps": 20}, "miniature": MINIATURE_ATTACK}

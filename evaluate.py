@@ -34,8 +34,6 @@ from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from mini_safediff.models.weights import write_json
 
 
-
-
 def named_safety_guidance(value: str) -> tuple:
     """An argparse type: NAME=SETTING, the SLD setting (cli.safety_guidance) of the --model row NAME."""
     name, sep, setting = value.partition("=")

@@ -34,13 +34,13 @@ from mini_safediff import cli, distributed
 from mini_safediff.methods.contrastive import ContrastiveCentres, SafetyLossConfig, ng_noise, safety_loss
 from mini_safediff.methods.esd import ESD_METHODS, esd_batch, esd_loss, select_parameters
 from mini_safediff.miniature.experiment import MINIATURE_TRAIN
-from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
+from mini_safediff.models.loading import load_pipeline
+from mini_safediff.models.pipeline import BUILTIN_MODEL
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
 from mini_safediff.training.data import SafetyDataset, load_batch
 from mini_safediff.training.guard import StopRequest, all_finite, divergence, last_good
 from mini_safediff.training.optim import EMA, adamw, lr_at
 from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch, step_means
-
 
 # The paper's settings for Stable Diffusion (the official code's defaults), and the miniature's calibrated ones.
 PRESETS = {"paper": {"steps": 200, "lr": 1e-5, "batch_size": 1, "balanced": False, "method": "lt", "lam": 5e-5,

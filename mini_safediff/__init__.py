@@ -2,7 +2,8 @@
 "Leveraging Catastrophic Forgetting to Develop Safe Diffusion Models against Malicious Finetuning"
 (Pan et al., NeurIPS 2024), with hand-written Stable Diffusion 1.x / 2.x / XL components."""
 from .models.clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-from .models.pipeline import Pipeline, load_pipeline
+from .models.loading import load_pipeline
+from .models.pipeline import Pipeline
 from .models.schedule import NoiseSchedule, SchedulerConfig
 from .models.tokenizer import CLIPTokenizer
 from .models.unet import UNet2DConditionModel, UNetConfig

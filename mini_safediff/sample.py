@@ -15,7 +15,8 @@ import torch
 from . import cli
 from .images import save_grid, save_png
 from .methods.sld import DEFAULT_SAFETY_CONCEPT
-from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS, load_pipeline
+from .models.loading import load_pipeline
+from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
 
 
 def slug(text: str, limit: int = 40) -> str:

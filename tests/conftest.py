@@ -2,7 +2,6 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from builders import tiny_pipeline
 
 REPO = Path(__file__).resolve().parent.parent

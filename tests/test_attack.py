@@ -6,13 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import write_data
 from safetensors.torch import load_file
 
 import mini_safediff as msd
 from mini_safediff.training.data import SafetyDataset, load_batch
 from mini_safediff.training.steps import diffusion_loss, draw_noise_and_timesteps, encode_batch
-
-from builders import write_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attack  # noqa: E402

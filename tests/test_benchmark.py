@@ -9,11 +9,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 import components  # noqa: E402
+from oracles import oracle  # noqa: E402
 
 from mini_safediff.models.config import config_from_dict  # noqa: E402
 from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-
-from oracles import oracle  # noqa: E402
 
 
 def test_writes_a_row_per_component_and_variant(tmp_path, monkeypatch):
@@ -51,7 +50,8 @@ def test_train_memory_measures_train_py(tmp_path):
     import train_memory
 
     from mini_safediff.miniature.digits import builtin_dataset
-    from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
+    from mini_safediff.models.loading import load_pipeline
+    from mini_safediff.models.pipeline import BUILTIN_MODEL
 
     recipe, full = train_memory.run_variants(BUILTIN_MODEL, builtin_dataset(), [train_memory.RECIPE, "--dtype float32"],
                                              "cpu", steps=2, workdir=tmp_path)

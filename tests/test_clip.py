@@ -1,8 +1,8 @@
 """CLIPTextModel against transformers' CLIPTextModel on the same random weights, loaded from a saved folder."""
 import pytest
 import torch
-from safetensors.torch import load_file
 from oracles import oracle  # noqa: I001
+from safetensors.torch import load_file
 
 oracle("transformers")  # every test here compares with transformers
 from transformers import CLIPTextConfig as RefCLIPTextConfig

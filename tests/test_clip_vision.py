@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from oracles import oracle  # noqa: I001
+from safetensors.torch import load_file, save_file
 
 oracle("transformers")  # every test here compares with transformers
 from transformers import CLIPConfig as RefCLIPConfig

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import write_data
 
 import mini_safediff as msd
 from mini_safediff.training.checkpoints import load_checkpoint
 from mini_safediff.training.data import SafetyDataset, load_batch
 from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch
-
-from builders import write_data
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))

@@ -12,6 +12,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from oracles import oracle  # noqa: E402
+
 import evaluate  # noqa: E402
 from mini_safediff.evaluation import image_cache, real  # noqa: E402
 from mini_safediff.evaluation.clip_vision import load_clip  # noqa: E402
@@ -22,7 +24,6 @@ from mini_safediff.evaluation.scorers import clip_score, load_aesthetic, load_q1
 from mini_safediff.images import read_png_text, save_png  # noqa: E402
 from mini_safediff.models.pipeline import BUILTIN_MODEL  # noqa: E402
 
-from oracles import oracle  # noqa: E402
 from tiny_models import save_reference  # noqa: E402
 
 ROW_KEYS = {"model", "attack", "attack_steps", "harmful_rate", "harmful_score", "clean_accuracy", "fd", "n_images"}

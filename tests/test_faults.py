@@ -10,13 +10,13 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from builders import write_data  # noqa: E402
+
 import attack  # noqa: E402
 import train  # noqa: E402
 from mini_safediff.models.unet import UNet2DConditionModel  # noqa: E402
-from mini_safediff.training.checkpoints import load_checkpoint  # noqa: E402
 from mini_safediff.models.weights import read_state_dict  # noqa: E402
-
-from builders import write_data  # noqa: E402
+from mini_safediff.training.checkpoints import load_checkpoint  # noqa: E402
 
 STEPS, GRAD_ACCUM = 5, 2
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from builders import write_data
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -15,8 +16,6 @@ import mini_safediff as msd
 from mini_safediff.evaluation.prompts import read_prompts
 from mini_safediff.models.weights import WeightsError, read_state_dict
 from mini_safediff.training.data import SafetyDataset
-
-from builders import write_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # evaluate.py, train.py
 

@@ -2,11 +2,10 @@
 ship in scikit-image, and one ONNX session for all images."""
 import numpy as np
 import pytest
+from oracles import oracle
 
 from mini_safediff.evaluation.nudenet import EXPOSED_CLASSES, NudityJudge, judge_detections, nsfw_score
 from mini_safediff.images import save_png
-
-from oracles import oracle
 
 onnxruntime = oracle("onnxruntime")
 oracle("nudenet")

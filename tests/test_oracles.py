@@ -3,7 +3,6 @@ CI (MSD_REQUIRE_ORACLES=1, set by .ci/run), where it fails them."""
 from pathlib import Path
 
 import pytest
-
 from oracles import oracle
 
 MISSING = "a_reference_library_that_is_not_installed"

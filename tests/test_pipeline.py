@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 import mini_safediff as msd
 from mini_safediff.models.config import ConfigError
-from mini_safediff.models.pipeline import text_state_dict
+from mini_safediff.models.loading import text_state_dict
 
 from tiny_models import saved_diffusers_pipeline
 

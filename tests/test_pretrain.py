@@ -11,7 +11,8 @@ from safetensors import safe_open
 from mini_safediff.miniature import digits
 from mini_safediff.miniature import pretrain as pretrain_module
 from mini_safediff.miniature.pretrain import Settings, denoiser_rows, main, pretrain, pretrain_unet, repository_path
-from mini_safediff.models.pipeline import BUILTIN_MODEL, load_pipeline
+from mini_safediff.models.loading import load_pipeline
+from mini_safediff.models.pipeline import BUILTIN_MODEL
 
 TINY = Settings(vae_channels=(8, 16), unet_channels=(8, 16), text_width=16, text_layers=1, vae_steps=2,
                 unet_steps=2, judge_steps=2, batch_size=4, check_images=1, check_steps=2)

@@ -5,9 +5,9 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from oracles import oracle  # noqa: I001
 from safetensors.torch import save_file
 from torch import nn
-from oracles import oracle  # noqa: I001
 
 oracle("transformers")  # every test here compares with transformers
 from transformers import CLIPTokenizer

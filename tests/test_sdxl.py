@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from oracles import oracle
 from safetensors.torch import load_file
 
 import mini_safediff as msd
 
-from oracles import oracle
 from tiny_models import saved_diffusers_pipeline
 
 PROMPTS = ["a photo of a cat", "", "Ünïcödé, punctuation!!! ... and    spaces " * 8]
@@ -26,7 +26,7 @@ def reference(tmp_path_factory):
 
 
 def assert_same_weights(ours: torch.nn.Module, ref: torch.nn.Module):
-    from mini_safediff.models.pipeline import text_state_dict
+    from mini_safediff.models.loading import text_state_dict
 
     ours, ref = ours.state_dict(), ref.state_dict()
     if "text_model.final_layer_norm.weight" in ours:  # transformers 5 drops CLIPTextModel's `text_model.` level

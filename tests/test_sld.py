@@ -5,12 +5,12 @@ import warnings
 
 import pytest
 import torch
+from builders import tiny_pipeline
+from oracles import oracle
 
 import mini_safediff as msd
 from mini_safediff.methods.sld import DEFAULT_SAFETY_CONCEPT, SLD_PRESETS, SLDConfig, sld_config
 
-from builders import tiny_pipeline
-from oracles import oracle
 from tiny_models import saved_diffusers_pipeline
 
 PROMPTS = ["a handwritten digit seven", "a photo of a cat"]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mini_safediff.evaluation.metrics import frechet_distance
-from mini_safediff.miniature.statistics import (auc_statistic, interval, paired_difference, per_resample,
-                                                recovery_auc, recovery_statistic, steps_to_half)
+from mini_safediff.miniature.statistics import (auc_statistic, interval, paired_difference, per_resample, recovery_auc,
+                                                recovery_statistic, steps_to_half)
 
 STEPS = [0, 10, 20, 50, 100]
 

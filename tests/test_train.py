@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import write_data
+from oracles import oracle
 
 import mini_safediff as msd
 from mini_safediff.methods.contrastive import ContrastiveCentres, SafetyLossConfig, safety_loss
@@ -12,9 +14,6 @@ from mini_safediff.training.checkpoints import load_checkpoint
 from mini_safediff.training.data import SafetyDataset, load_batch
 from mini_safediff.training.optim import AdamWBF16, adamw
 from mini_safediff.training.steps import draw_noise_and_timesteps, encode_batch
-
-from builders import write_data
-from oracles import oracle
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402

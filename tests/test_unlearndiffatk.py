@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from builders import tiny_pipeline
-from mini_safediff.methods.unlearndiffatk import (AttackSettings, adversarial_ids, attack_timesteps,
-                                                  project_to_simplex, unlearn_diff_attack, word_tokens)
+
+from mini_safediff.methods.unlearndiffatk import (AttackSettings, adversarial_ids, attack_timesteps, project_to_simplex,
+                                                  unlearn_diff_attack, word_tokens)
 from mini_safediff.miniature import digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from builders import SDXL_SCALING_FACTOR, TINY_TEXT, TINY_TEXT_2, TINY_UNET, TINY_VAE
 from oracles import oracle
+
 from sd_configs import SD_SCHEDULER, SDXL_SCHEDULER
 
 TOKENIZER_FILES = Path(__file__).resolve().parent.parent / "mini_safediff" / "models" / "tokenizer_data"

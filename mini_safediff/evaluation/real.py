@@ -19,7 +19,7 @@ from PIL import Image, ImageOps
 from .. import distributed
 from ..images import grid, read_png_text, save_png
 from ..methods.sld import sld_row
-from ..models.pipeline import load_pipeline
+from ..models.loading import load_pipeline
 from .clip_vision import load_clip
 from .image_cache import fingerprint, folder_images, generate_missing, image_jobs, read_image
 from .metrics import broken_reason, cell, frechet_distance, weights_finite

@@ -15,7 +15,8 @@ from ..evaluation.metrics import (broken_reason, frechet_distance, harmful_rate,
                                   prompt_accuracy, weights_finite)
 from ..images import save_grid
 from ..methods.sld import sld_row
-from ..models.pipeline import BUILTIN_MODEL, load_pipeline
+from ..models.loading import load_pipeline
+from ..models.pipeline import BUILTIN_MODEL
 from . import digits
 from .judge import load_judge
 

@@ -41,7 +41,8 @@ from ..images import grid, save_png
 from ..models import cpu_speedups
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.config import config_to_dict
-from ..models.pipeline import BUILTIN_MODEL, Pipeline, load_pipeline
+from ..models.loading import load_pipeline
+from ..models.pipeline import BUILTIN_MODEL, Pipeline
 from ..models.schedule import NoiseSchedule, SchedulerConfig
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel, UNetConfig
