@@ -148,3 +148,23 @@ def test_attacks_are_drawn_in_their_ranges_from_the_generator_and_options_parse(
     assert cli.int_range("2") == (2, 2)
     with pytest.raises(Exception, match="LOW,HIGH"):
         cli.positive_float_range("1e-3,1e-4")
+
+
+def test_exact_gradient_runs_through_gradient_checkpointing(model, tmp_path):
+    """CUDA's default: the inner forwards recompute under checkpointing and are still differentiated twice."""
+    data = write_data(tmp_path / "data", [1, 2])
+    common = ["--batch-size", "2", "--inner-steps", "1", "--inner-batch-size", "1", "--inner-grad", "exact",
+              "--steps", "1"]
+    plain = unet_weights(run(model, data, tmp_path / "plain", *common))
+    checkpointed = unet_weights(run(model, data, tmp_path / "checkpointed", "--gradient-checkpointing", *common))
+    assert all(torch.allclose(plain[k], checkpointed[k], rtol=1e-5, atol=1e-7) for k in plain)
+
+
+def test_nan_stops_before_the_update_and_bad_settings_are_refused(model, tmp_path):
+    data = write_data(tmp_path / "data", [1, 2])
+    with pytest.raises(SystemExit, match=r"step 0: the loss is nan"):
+        run(model, data, tmp_path / "nan", "--steps", "1", "--batch-size", "2", "--attack-weight", "nan")
+    with pytest.raises(ValueError, match="--method immunize has no contrastive term"):
+        run(model, data, tmp_path / "lambda", "--lambda", "1e-3")
+    with pytest.raises(ValueError, match="harmful rows: .* has none"):
+        run(model, write_data(tmp_path / "clean", [1, 1]), tmp_path / "clean-run", "--steps", "1")

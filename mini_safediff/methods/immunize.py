@@ -114,6 +114,17 @@ def _inner_update(grads, state, step, lr, optimizer):
     return updates
 
 
+@contextlib.contextmanager
+def _checkpointing(unet, on: bool):
+    """unet.gradient_checkpointing set to `on` inside the context, restored after it."""
+    before = unet.gradient_checkpointing
+    unet.gradient_checkpointing = on
+    try:
+        yield
+    finally:
+        unet.gradient_checkpointing = before
+
+
 def simulate_attack(unet, params: dict, batches: list, attack: SimulatedAttack, schedule, optimizer: str,
                     exact: bool):
     """phi_K from phi_0 = params after K plain fine-tuning steps, one per inner batch
@@ -126,8 +137,10 @@ def simulate_attack(unet, params: dict, batches: list, attack: SimulatedAttack, 
         if not exact:
             phi = {name: p.requires_grad_(True) for name, p in phi.items()}
         # exact: this forward is differentiated twice; the fused attention kernels (flash, the CPU's) have no
-        # double backward, the math one has
-        with sdpa_kernel(SDPBackend.MATH) if exact else contextlib.nullcontext():
+        # double backward, the math one has. Gradient checkpointing is off for it: its recomputation would run
+        # outside this context, with another kernel (checkpoint's metadata check refuses that).
+        with sdpa_kernel(SDPBackend.MATH) if exact else contextlib.nullcontext(), \
+                _checkpointing(unet, unet.gradient_checkpointing and not exact):
             pred = functional_call(unet, phi, (x_t, t, context), added)
         loss = row_mse(pred, schedule.target(x0, noise, t)).mean()
         grads = torch.autograd.grad(loss, [phi[n] for n in names], create_graph=exact, allow_unused=True)
