@@ -107,6 +107,9 @@ def make_parser(argv=None):
     p.add_argument("--inner-grad", choices=INNER_GRADS, default="first-order",
                    help="immunize: the post-attack term's gradient at the attacked weights, applied to the real "
                         "ones, or exact (second order, through the inner steps)")
+    p.add_argument("--immunize-with", choices=["lt", "ng"],
+                   help="immunize: LT's or NG's loss (with --lambda and the contrastive options) in place of the "
+                        "naive part, the post-attack term added (default: none, the naive ascent)")
     p.add_argument("--ema", type=cli.decay, default=0.0, help="EMA decay of the saved weights (0: off)")
     p.add_argument("--balanced", action=argparse.BooleanOptionalAction,
                    help="alternate clean and harmful rows (or draw batches at random)")
@@ -139,9 +142,9 @@ def train(args) -> Path:
     if not esd and args.concept:
         raise ValueError(f"--concept is ESD's (--method esd-u / esd-x), not {args.method}'s")
     immunize = args.method == "immunize"
-    if immunize and args.lam:
+    if immunize and args.lam and not args.immunize_with:
         raise ValueError(f"--lambda {args.lam}: --method immunize has no contrastive term (not combined with LT / "
-                         f"NG yet); use --lambda 0 or --preset immunize")
+                         f"NG unless --immunize-with lt|ng); use --lambda 0 or --preset immunize")
     ddp, rank, world_size, device = distributed.setup(args.device, args.batch_size)
     if immunize and ddp:  # the simulated attack would run per rank on its rows; DDP hooks would all-reduce it
         raise ValueError("--method immunize does not run under torchrun (yet): run it as one process")
@@ -162,10 +165,10 @@ def train(args) -> Path:
             harmful_weight=args.harmful_weight, attack_weight=args.attack_weight, cap=args.attack_cap,
             inner_steps=tuple(args.inner_steps), inner_lr=tuple(args.inner_lr),
             inner_batch=tuple(args.inner_batch_size), inner_optimizer=args.inner_optimizer, inner_grad=args.inner_grad)
-    elif not esd:
-        loss_config = SafetyLossConfig(method=args.method, lam=args.lam, lam_contrast=args.lambda_contrast,
-                                       margin=args.margin, contrast=args.contrast, harmful_weight=args.harmful_weight,
-                                       contrast_grad=not args.no_contrast_grad)
+    if not esd and (not immunize or args.immunize_with):
+        loss_config = SafetyLossConfig(method=args.immunize_with if immunize else args.method, lam=args.lam,
+                                       lam_contrast=args.lambda_contrast, margin=args.margin, contrast=args.contrast,
+                                       harmful_weight=args.harmful_weight, contrast_grad=not args.no_contrast_grad)
 
     # Only the UNet trains (for ESD the part its method names); the VAE and the text encoder stay frozen.
     # ESD's targets come from a frozen copy of the starting UNet, rebuilt from --model / --unet on resume.
@@ -176,7 +179,8 @@ def train(args) -> Path:
     optimizer = adamw(trained, args.lr, args.weight_decay, bf16_state=args.adam_bf16)
     generator = torch.Generator().manual_seed(args.seed)  # VAE posterior samples, noise, timesteps
     latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
-    centres = None if esd or immunize else ContrastiveCentres(latent_shape, generator, sum_over_ranks=ddp)
+    contrastive = not esd and (not immunize or args.immunize_with)
+    centres = ContrastiveCentres(latent_shape, generator, sum_over_ranks=ddp) if contrastive else None
     ema = EMA(unet, args.ema) if args.ema else None
     step, restored = start_or_resume(out, args.resume, unet, optimizer, generator, main_process,
                                      settings=vars(args), allow_changed=args.allow_changed_settings)
@@ -229,7 +233,8 @@ def train(args) -> Path:
                     noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator,
                                                         rank, world_size)
                     harmful = batch["harmful"].to(device)
-                    x_t = pipe.schedule.add_noise(x0, ng_noise(noise, harmful) if args.method == "ng" else noise, t)
+                    ng = args.method == "ng" or (immunize and args.immunize_with == "ng")
+                    x_t = pipe.schedule.add_noise(x0, ng_noise(noise, harmful) if ng else noise, t)
                 if immunize:  # the attack is drawn after the batch, from the same generator
                     attack = draw_attack(immunize_config, generator)
                     inner = inner_batches(pipe, dataset, attack, generator) if harmful.any() else []
@@ -240,9 +245,13 @@ def train(args) -> Path:
                 if esd:
                     loss, stats = esd_loss(pred, target)
                 elif immunize:
+                    base = (safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
+                            if args.immunize_with else None)  # LT / NG in place of the naive part
+                    x_t_attack = pipe.schedule.add_noise(x0, noise, t) if ng else None  # the attacker's x_t
                     with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                         loss, stats = immunize_loss(unet, pred, x_t, t, context, added, x0, noise, harmful,
-                                                    pipe.schedule, attack, inner, immunize_config)
+                                                    pipe.schedule, attack, inner, immunize_config, base=base,
+                                                    x_t_attack=x_t_attack)
                 else:
                     loss, stats = safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
                 (loss / args.grad_accum).backward()

@@ -1,6 +1,7 @@
 """Immunization by simulated attacks (methods/immunize.py) on a tiny random model: the inner loop leaves the real
 weights alone, K = 0 is the naive ascent, first-order and exact gradients agree to O(inner lr), train.py runs it
 and resumes exactly, torchrun is refused by name."""
+import itertools
 import json
 import math
 import sys
@@ -65,7 +66,7 @@ def test_the_inner_loop_moves_only_the_simulated_copy(model, tmp_path, inner_gra
 def test_with_no_attack_steps_the_loss_is_the_naive_ascent(model, tmp_path, cap):
     """K = 0: w_h mse - a min(mse, cap) on harmful rows: the naive loss (safety_loss, lambda 0) with harmful weight
     w_h - a below the cap, or w_h above it (minus a constant)."""
-    pipe, dataset, generator, tensors = setup(model, tmp_path)
+    pipe, _, generator, tensors = setup(model, tmp_path)
     x_t, t, context, added, x0, noise, harmful = tensors
     cfg = ImmunizeConfig(harmful_weight=-0.5, attack_weight=0.3, cap=cap)
     params = list(pipe.unet.parameters())
@@ -78,6 +79,33 @@ def test_with_no_attack_steps_the_loss_is_the_naive_ascent(model, tmp_path, cap)
     for g_ours, g_naive in zip(torch.autograd.grad(ours, params), torch.autograd.grad(naive, params)):
         torch.testing.assert_close(g_ours, g_naive, rtol=1e-5, atol=1e-7)
     assert stats["inner_steps"] == 0
+
+
+@pytest.mark.parametrize("inner_grad", ["first-order", "exact"])
+def test_with_lt_and_no_attack_steps_the_loss_is_lts_and_the_general_path_agrees(model, tmp_path, inner_grad):
+    """--immunize-with lt: LT's loss replaces the naive part. K = 0 through the general path (a separate forward
+    at theta, as NG's x_t_attack takes) gives the shortcut's value and gradient, first-order or exact."""
+    pipe, _, generator, tensors = setup(model, tmp_path)
+    x_t, t, context, added, x0, noise, harmful = tensors
+    params = list(pipe.unet.parameters())
+    cfg = ImmunizeConfig(attack_weight=0.3, cap=math.inf, inner_grad=inner_grad)
+    lt = SafetyLossConfig(lam=1e-2, harmful_weight=-0.5)
+    centres = ContrastiveCentres(x0.shape[1:], generator)
+    attack = SimulatedAttack(0, 1e-3, 2)
+
+    def loss(**options):
+        pred = pipe.unet(x_t, t, context, **added)
+        base = safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, lt, update_centres=False)
+        value, stats = immunize_loss(pipe.unet, pred, x_t, t, context, added, x0, noise, harmful, pipe.schedule,
+                                     attack, [], cfg, base=base, **options)
+        return value, base[0], stats
+    shortcut, base, stats = loss()
+    general, _, _ = loss(x_t_attack=x_t)
+    shift = -0.3 * stats["mse_harmful"] * int(harmful.sum()) / len(harmful)
+    assert "contrastive" in stats and shortcut.item() == pytest.approx(base.item() + shift, rel=1e-5)
+    torch.testing.assert_close(general, shortcut)
+    for g_general, g_shortcut in zip(torch.autograd.grad(general, params), torch.autograd.grad(shortcut, params)):
+        torch.testing.assert_close(g_general, g_shortcut, rtol=1e-4, atol=1e-6)
 
 
 def test_first_order_and_exact_gradients_agree_to_order_lr(model, tmp_path):
@@ -97,7 +125,7 @@ def test_first_order_and_exact_gradients_agree_to_order_lr(model, tmp_path):
         exact, first = gradient(lr, "exact"), gradient(lr, "first-order")
         return ((exact - first).norm() / exact.norm()).item()
     differences = [relative_difference(lr) for lr in (1e-2, 1e-3, 1e-4)]
-    for large, small in zip(differences, differences[1:]):  # O(lr): ten times smaller lr, about ten times closer
+    for large, small in itertools.pairwise(differences):  # O(lr): ten times smaller lr, about ten times closer
         assert 0 < small < large / 5, differences
     assert differences[-1] < 100 * 1e-4  # on this model about 10 lr
 
@@ -112,11 +140,12 @@ def unet_weights(folder):
     return msd.load_pipeline(folder, device="cpu").unet.state_dict()
 
 
-@pytest.mark.parametrize("inner_grad", ["first-order", "exact"])
-def test_train_runs_two_steps_and_resumes_exactly(model, tmp_path, inner_grad):
+@pytest.mark.parametrize("inner_grad, combined", [("first-order", []), ("exact", []),
+                                                   ("first-order", ["--immunize-with", "ng", "--lambda", "1e-3"])])
+def test_train_runs_two_steps_and_resumes_exactly(model, tmp_path, inner_grad, combined):
     data = write_data(tmp_path / "data", [1, 2, 1, 2, 2])
     common = ["--batch-size", "2", "--checkpoint-every", "1", "--inner-steps", "1,2", "--inner-batch-size", "1,2",
-              "--inner-grad", inner_grad]
+              "--inner-grad", inner_grad, *combined]
     straight = unet_weights(run(model, data, tmp_path / "straight", "--steps", "2", *common))
     run(model, data, tmp_path / "resumed", "--steps", "1", *common)
     resumed = unet_weights(run(model, data, tmp_path / "resumed", "--steps", "2", "--resume", *common))
@@ -128,6 +157,7 @@ def test_train_runs_two_steps_and_resumes_exactly(model, tmp_path, inner_grad):
     assert {"loss", "mse_clean", "mse_harmful", "attacked_mse", "inner_loss_first", "inner_loss_last", "inner_steps",
             "inner_lr", "inner_batch", "grad_norm"} <= log[0].keys()
     assert all(1 <= row["inner_steps"] <= 2 and 3e-5 <= row["inner_lr"] <= 3e-4 for row in log)
+    assert ("contrastive" in log[0]) == bool(combined)
 
 
 def test_torchrun_is_refused_by_name(model, tmp_path, monkeypatch):

@@ -168,21 +168,28 @@ def inner_batches(pipe, dataset, attack: SimulatedAttack, generator: torch.Gener
 
 
 def immunize_loss(unet, pred, x_t, t, context, added, x0, noise, harmful, schedule, attack: SimulatedAttack,
-                  inner: list, cfg: ImmunizeConfig, params: dict | None = None):
+                  inner: list, cfg: ImmunizeConfig, params: dict | None = None, base=None, x_t_attack=None):
     """The batch loss (module docstring) and a dict of floats for the log. pred: the UNet's output on the outer
     batch at the real weights (with their graph); params: the trained weights by name (default: every UNet
-    parameter that requires grad); inner: the K batches the simulated attacker trains on (inner_batches)."""
+    parameter that requires grad); inner: the K batches the simulated attacker trains on (inner_batches).
+    base: (loss, stats) of LT / NG's safety_loss on the same batch, which then replaces the naive part
+    (--immunize-with); x_t_attack: the noisy latents the post-attack term is taken at, when pred's x_t are not
+    the attacker's (NG's shifted noise; default x_t)."""
     harmful = harmful.to(pred.device, torch.bool)
     mse = row_mse(pred, schedule.target(x0, noise, t))  # (B,)
-    total = (torch.where(harmful, cfg.harmful_weight, 1.0) * mse).sum()
-    stats = {"mse_clean": _masked_mean(mse, ~harmful), "mse_harmful": _masked_mean(mse, harmful),
+    if base is None:
+        total = (torch.where(harmful, cfg.harmful_weight, 1.0) * mse).sum()
+    else:
+        total = base[0] * len(mse)
+    stats = {**(base[1] if base is not None else {}),
+             "mse_clean": _masked_mean(mse, ~harmful), "mse_harmful": _masked_mean(mse, harmful),
              "inner_steps": 0, "inner_lr": attack.lr, "inner_batch": attack.batch_size,
              "inner_loss_first": 0.0, "inner_loss_last": 0.0, "attacked_mse": 0.0}
     if harmful.any() and cfg.attack_weight != 0:
         rows = harmful.nonzero().flatten()
         target = schedule.target(x0[rows], noise[rows], t[rows])
         inner_losses = []
-        if attack.steps == 0:  # phi_K = theta: the outer prediction is the post-attack one
+        if attack.steps == 0 and x_t_attack is None:  # phi_K = theta: the outer prediction is the post-attack one
             after = row_mse(pred[rows], target)
             term = -cfg.attack_weight * after.clamp(max=cfg.cap).sum()
         else:
@@ -192,7 +199,8 @@ def immunize_loss(unet, pred, x_t, t, context, added, x0, noise, harmful, schedu
             phi, inner_losses = simulate_attack(unet, params, inner, attack, schedule, cfg.inner_optimizer, exact)
             if not exact:
                 phi = {n: p.requires_grad_(True) for n, p in phi.items()}
-            pred_after = functional_call(unet, phi, (x_t[rows], t[rows], context[rows]),
+            at = x_t if x_t_attack is None else x_t_attack
+            pred_after = functional_call(unet, phi, (at[rows], t[rows], context[rows]),
                                          {key: value[rows] for key, value in added.items()})
             after = row_mse(pred_after, target)
             term = -cfg.attack_weight * after.clamp(max=cfg.cap).sum()
