@@ -25,8 +25,9 @@ Per outer step, on a batch of B rows (clean and harmful mixed, as for LT), with 
 - Gradient ("--inner-grad"): "exact" differentiates through the K inner steps (second order, functional_call on
   the weights as a graph); "first-order" (the default) takes grad_phi of the post-attack term at phi_K, the
   attacked weights, and applies it to theta (first-order MAML). They differ by O(lr): d phi_K / d theta =
-  prod_k (I - lr H_k) for SGD. For Adam's first step from zero moments (update ~ sign(g)) the Jacobian of the
-  update is ~0, so both give almost the same gradient there.
+  prod_k (I - lr H_k) for SGD (tested). With Adam they do NOT agree: its update g / (sqrt(v) + eps) has the
+  derivative ~ eps / (|g| + eps)^2, up to 1 / eps for weights whose gradient is near or below eps, so the exact
+  gradient carries large terms the first-order one lacks (docs/immunize.md: cosine 0.43 on a tiny model).
 The inner steps never touch the real weights or their .grad: they run on a dict of tensors (torch.func).
 """
 import contextlib
