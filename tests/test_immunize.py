@@ -108,6 +108,36 @@ def test_with_lt_and_no_attack_steps_the_loss_is_lts_and_the_general_path_agrees
         torch.testing.assert_close(g_general, g_shortcut, rtol=1e-4, atol=1e-6)
 
 
+def test_first_order_gradient_is_the_post_attack_gradient_at_the_attacked_weights(model, tmp_path):
+    """First order: d loss / d theta = grad of the naive part at theta + grad of the post-attack term taken at
+    phi_K (the weights the attack left), computed here by hand with torch.func."""
+    pipe, dataset, generator, tensors = setup(model, tmp_path)
+    x_t, t, context, _, x0, noise, harmful = tensors
+    names, params = zip(*pipe.unet.named_parameters())
+    attack = SimulatedAttack(steps=2, lr=1e-3, batch_size=2)
+    inner = inner_batches(pipe, dataset, attack, generator)
+    cfg = ImmunizeConfig(harmful_weight=-0.5, attack_weight=0.7, cap=math.inf, inner_optimizer="sgd")
+    ours, _ = loss_of(pipe, tensors, attack, inner, cfg)
+    ours = torch.autograd.grad(ours, params)
+    phi = {n: p.detach().clone() for n, p in zip(names, params)}
+    for batch_x_t, batch_t, batch_context, _, batch_x0, batch_noise in inner:  # plain SGD, by hand
+        phi = {n: p.requires_grad_(True) for n, p in phi.items()}
+        pred = torch.func.functional_call(pipe.unet, phi, (batch_x_t, batch_t, batch_context))
+        loss = (pred - pipe.schedule.target(batch_x0, batch_noise, batch_t)).pow(2).mean()
+        grads = torch.autograd.grad(loss, list(phi.values()))
+        phi = {n: (p - 1e-3 * g).detach() for (n, p), g in zip(phi.items(), grads)}
+    phi = {n: p.requires_grad_(True) for n, p in phi.items()}
+    rows = harmful.nonzero().flatten()
+    after = torch.func.functional_call(pipe.unet, phi, (x_t[rows], t[rows], context[rows]))
+    term = -0.7 * (after - pipe.schedule.target(x0[rows], noise[rows], t[rows])).pow(2).flatten(1).mean(1).sum()
+    at_phi = torch.autograd.grad(term / len(harmful), list(phi.values()))
+    pred = pipe.unet(x_t, t, context)
+    mse = (pred - pipe.schedule.target(x0, noise, t)).pow(2).flatten(1).mean(1)
+    naive = torch.autograd.grad((torch.where(harmful, -0.5, 1.0) * mse).mean(), params)
+    for name, g_ours, g_naive, g_phi in zip(names, ours, naive, at_phi):
+        torch.testing.assert_close(g_ours, g_naive + g_phi, rtol=1e-4, atol=1e-7, msg=name)
+
+
 def test_first_order_and_exact_gradients_agree_to_order_lr(model, tmp_path):
     """One SGD inner step: exact = (I - lr H) first-order, so their relative difference shrinks like lr."""
     pipe, dataset, generator, tensors = setup(model, tmp_path, classes=(2, 2))
