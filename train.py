@@ -106,7 +106,8 @@ def make_parser(argv=None):
                    help="immunize: the simulated attacker's optimizer (Adam from zero moments, no weight decay)")
     p.add_argument("--inner-grad", choices=INNER_GRADS, default="first-order",
                    help="immunize: the post-attack term's gradient at the attacked weights, applied to the real "
-                        "ones, or exact (second order, through the inner steps)")
+                        "ones, or exact (second order, through the inner steps; with the Adam attacker it does not agree "
+                        "with first-order: docs/immunize.md)")
     p.add_argument("--immunize-with", choices=["lt", "ng"],
                    help="immunize: LT's or NG's loss (with --lambda and the contrastive options) in place of the "
                         "naive part, the post-attack term added (default: none, the naive ascent)")
