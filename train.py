@@ -13,6 +13,11 @@ The ESD baseline (Gandikota et al. 2023; mini_safediff/methods/esd.py) erases a 
 
     python train.py --method esd-u --concept "a handwritten digit seven" --out runs/esd   # --preset esd
 
+Immunization by simulated attacks (beyond the paper; mini_safediff/methods/immunize.py, docs/immunize.md): the
+clean loss, ascent on harmful rows, and the harmful loss after K simulated fine-tuning steps made high:
+
+    python train.py --method immunize --out runs/immunize      # --preset immunize; not under torchrun
+
     torchrun --nproc_per_node 4 train.py --batch-size 8 ...   # DDP: the global batch of 8 split 2 a GPU
 
 Under torchrun (DistributedDataParallel; nccl on CUDA, gloo on the CPU) the same global batch trains the same
@@ -33,6 +38,8 @@ from tqdm.auto import tqdm
 from mini_safediff import cli, distributed
 from mini_safediff.methods.contrastive import ContrastiveCentres, SafetyLossConfig, ng_noise, safety_loss
 from mini_safediff.methods.esd import ESD_METHODS, esd_batch, esd_loss, select_parameters
+from mini_safediff.methods.immunize import (INNER_GRADS, INNER_OPTIMIZERS, ImmunizeConfig, draw_attack,
+                                            immunize_loss, inner_batches)
 from mini_safediff.miniature.experiment import MINIATURE_TRAIN
 from mini_safediff.models.loading import load_pipeline
 from mini_safediff.models.pipeline import BUILTIN_MODEL
@@ -47,7 +54,10 @@ PRESETS = {"paper": {"steps": 200, "lr": 1e-5, "batch_size": 1, "balanced": Fals
                      "harmful_weight": 0.0},
            "miniature": MINIATURE_TRAIN,
            # ESD's paper and script: 1000 iterations of Adam (AdamW without decay), lr 1e-5, batch 1, eta 1.
-           "esd": {"steps": 1000, "lr": 1e-5, "batch_size": 1, "method": "esd-u", "weight_decay": 0.0}}
+           "esd": {"steps": 1000, "lr": 1e-5, "batch_size": 1, "method": "esd-u", "weight_decay": 0.0},
+           # Immunization: the miniature's settings of its naive row (ascent -0.5, no contrastive term), the row it is
+           # to be compared with, plus the simulated attack (its own options' defaults).
+           "immunize": {**MINIATURE_TRAIN, "method": "immunize", "lam": 0.0}}
 
 
 def make_parser(argv=None):
@@ -55,11 +65,13 @@ def make_parser(argv=None):
     p = cli.make_parser(__doc__)
     cli.add_model_options(p, training=True)
     p.add_argument("--data", help="metadata.jsonl folder (default: the built-in digits data)")
-    p.add_argument("--method", choices=["lt", "ng", *ESD_METHODS],
+    p.add_argument("--method", choices=["lt", "ng", *ESD_METHODS, "immunize"],
                    help="lt: latent transformation, ng: noise guidance; the ESD baseline, data-free: esd-u trains "
                         "every UNet weight except cross-attention (attn2), the time embedding and the output layers "
                         "(ESD's noxattn), esd-x only every cross-attention (attn2) weight (ESD's xattn); with these "
-                        "--preset defaults to esd")
+                        "--preset defaults to esd; immunize: clean loss, ascent on harmful rows (--harmful-weight) and "
+                        "the harmful loss after a simulated attack made high (not in the paper; --preset defaults to "
+                        "immunize)")
     p.add_argument("--concept", action="append",
                    help="ESD: the concept to erase, as text; repeatable, each step draws one per row (default: "
                         "none; required with esd-u / esd-x)")
@@ -80,6 +92,25 @@ def make_parser(argv=None):
                    help="the contrastive term: the official code's, or the paper's hinge with --margin")
     p.add_argument("--harmful-weight", type=float, help="MSE weight of harmful rows (-0.5: high safety)")
     p.add_argument("--no-contrast-grad", action="store_true", help="official code: contrastive term without gradient")
+    p.add_argument("--attack-weight", type=float, default=1.0,
+                   help="immunize: weight of the post-attack harmful MSE, subtracted from the loss")
+    p.add_argument("--attack-cap", type=cli.positive_float, default=1.0,
+                   help="immunize: the post-attack MSE counts up to this per row (1: a model that predicts 0)")
+    p.add_argument("--inner-steps", type=cli.int_range, default="1,3",
+                   help="immunize: simulated attack steps K, drawn uniformly from LOW,HIGH each step")
+    p.add_argument("--inner-lr", type=cli.positive_float_range, default="3e-5,3e-4",
+                   help="immunize: the simulated attack's learning rate, drawn log-uniformly from LOW,HIGH")
+    p.add_argument("--inner-batch-size", type=cli.positive_int_range, default="1,8",
+                   help="immunize: harmful rows per simulated attack step, drawn uniformly from LOW,HIGH")
+    p.add_argument("--inner-optimizer", choices=INNER_OPTIMIZERS, default="adam",
+                   help="immunize: the simulated attacker's optimizer (Adam from zero moments, no weight decay)")
+    p.add_argument("--inner-grad", choices=INNER_GRADS, default="first-order",
+                   help="immunize: the post-attack term's gradient at the attacked weights, applied to the real "
+                        "ones, or exact (second order, through the inner steps; with the Adam attacker it does not agree "
+                        "with first-order: docs/immunize.md)")
+    p.add_argument("--immunize-with", choices=["lt", "ng"],
+                   help="immunize: LT's or NG's loss (with --lambda and the contrastive options) in place of the "
+                        "naive part, the post-attack term added (default: none, the naive ascent)")
     p.add_argument("--ema", type=cli.decay, default=0.0, help="EMA decay of the saved weights (0: off)")
     p.add_argument("--balanced", action=argparse.BooleanOptionalAction,
                    help="alternate clean and harmful rows (or draw batches at random)")
@@ -88,11 +119,12 @@ def make_parser(argv=None):
     p.add_argument("--out", default="runs/train", help="folder for the model, checkpoint and log")
     cli.add_resume_options(p, "--out/checkpoint.pt")
     cli.add_quiet(p)
-    # --method esd-u / esd-x without a --preset get ESD's settings, any other method the paper's
+    # --method esd-u / esd-x without a --preset get ESD's settings, immunize its own, any other method the paper's
     method = argparse.ArgumentParser(add_help=False)
     method.add_argument("--method")
-    esd = method.parse_known_args(argv)[0].method in ESD_METHODS
-    cli.apply_preset(p, PRESETS, argv, default="esd" if esd else "paper")
+    chosen = method.parse_known_args(argv)[0].method
+    cli.apply_preset(p, PRESETS, argv, default="esd" if chosen in ESD_METHODS else
+                     "immunize" if chosen == "immunize" else "paper")
     return p
 
 
@@ -110,7 +142,13 @@ def train(args) -> Path:
         raise ValueError(f"--method {args.method} is data-free: it takes no --data")
     if not esd and args.concept:
         raise ValueError(f"--concept is ESD's (--method esd-u / esd-x), not {args.method}'s")
+    immunize = args.method == "immunize"
+    if immunize and args.lam and not args.immunize_with:
+        raise ValueError(f"--lambda {args.lam}: --method immunize has no contrastive term (not combined with LT / "
+                         f"NG unless --immunize-with lt|ng); use --lambda 0 or --preset immunize")
     ddp, rank, world_size, device = distributed.setup(args.device, args.batch_size)
+    if immunize and ddp:  # the simulated attack would run per rank on its rows; DDP hooks would all-reduce it
+        raise ValueError("--method immunize does not run under torchrun (yet): run it as one process")
     main_process = rank == 0  # logs, shows the bar and writes every file
     pipe = load_pipeline(args.model, device=device, unet=args.unet, prediction_type=args.prediction_type)
     device, cuda = pipe.device, pipe.device.type == "cuda"
@@ -121,9 +159,17 @@ def train(args) -> Path:
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if not esd:
         dataset = SafetyDataset(args.data, resolution, random_flip=args.random_flip, skip_bad=args.skip_bad)
-        loss_config = SafetyLossConfig(method=args.method, lam=args.lam, lam_contrast=args.lambda_contrast,
-                                       margin=args.margin, contrast=args.contrast, harmful_weight=args.harmful_weight,
-                                       contrast_grad=not args.no_contrast_grad)
+    if immunize:
+        if not dataset.harmful.any():
+            raise ValueError(f"--method immunize simulates an attack on harmful rows: {args.data} has none (class 2)")
+        immunize_config = ImmunizeConfig(
+            harmful_weight=args.harmful_weight, attack_weight=args.attack_weight, cap=args.attack_cap,
+            inner_steps=tuple(args.inner_steps), inner_lr=tuple(args.inner_lr),
+            inner_batch=tuple(args.inner_batch_size), inner_optimizer=args.inner_optimizer, inner_grad=args.inner_grad)
+    if not esd and (not immunize or args.immunize_with):
+        loss_config = SafetyLossConfig(method=args.immunize_with if immunize else args.method, lam=args.lam,
+                                       lam_contrast=args.lambda_contrast, margin=args.margin, contrast=args.contrast,
+                                       harmful_weight=args.harmful_weight, contrast_grad=not args.no_contrast_grad)
 
     # Only the UNet trains (for ESD the part its method names); the VAE and the text encoder stay frozen.
     # ESD's targets come from a frozen copy of the starting UNet, rebuilt from --model / --unet on resume.
@@ -134,7 +180,8 @@ def train(args) -> Path:
     optimizer = adamw(trained, args.lr, args.weight_decay, bf16_state=args.adam_bf16)
     generator = torch.Generator().manual_seed(args.seed)  # VAE posterior samples, noise, timesteps
     latent_shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
-    centres = None if esd else ContrastiveCentres(latent_shape, generator, sum_over_ranks=ddp)
+    contrastive = not esd and (not immunize or args.immunize_with)
+    centres = ContrastiveCentres(latent_shape, generator, sum_over_ranks=ddp) if contrastive else None
     ema = EMA(unet, args.ema) if args.ema else None
     step, restored = start_or_resume(out, args.resume, unet, optimizer, generator, main_process,
                                      settings=vars(args), allow_changed=args.allow_changed_settings)
@@ -187,13 +234,25 @@ def train(args) -> Path:
                     noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator,
                                                         rank, world_size)
                     harmful = batch["harmful"].to(device)
-                    x_t = pipe.schedule.add_noise(x0, ng_noise(noise, harmful) if args.method == "ng" else noise, t)
+                    ng = args.method == "ng" or (immunize and args.immunize_with == "ng")
+                    x_t = pipe.schedule.add_noise(x0, ng_noise(noise, harmful) if ng else noise, t)
+                if immunize:  # the attack is drawn after the batch, from the same generator
+                    attack = draw_attack(immunize_config, generator)
+                    inner = inner_batches(pipe, dataset, attack, generator) if harmful.any() else []
                 if ddp:  # gradients are averaged over the ranks on the last micro-batch's backward only
                     net.require_backward_grad_sync = micro == args.grad_accum - 1
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
                     pred = net(x_t, t, context, **added)
                 if esd:
                     loss, stats = esd_loss(pred, target)
+                elif immunize:
+                    base = (safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
+                            if args.immunize_with else None)  # LT / NG in place of the naive part
+                    x_t_attack = pipe.schedule.add_noise(x0, noise, t) if ng else None  # the attacker's x_t
+                    with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
+                        loss, stats = immunize_loss(unet, pred, x_t, t, context, added, x0, noise, harmful,
+                                                    pipe.schedule, attack, inner, immunize_config, base=base,
+                                                    x_t_attack=x_t_attack)
                 else:
                     loss, stats = safety_loss(pred, x_t, t, x0, noise, harmful, pipe.schedule, centres, loss_config)
                 (loss / args.grad_accum).backward()
@@ -204,7 +263,7 @@ def train(args) -> Path:
             if problem:
                 sys.exit(f"step {step}: {problem} ({stats}). Stopped before the update; "
                          f"{last_good(checkpoint_path, saved_step)}. Try a smaller --lr"
-                         f"{'' if esd else ' or --lambda'}.")
+                         f"{'' if esd or immunize else ' or --lambda'}.")
             if due:  # this step's weights gave a finite loss and gradient: keep them
                 saved_step, due = checkpoint(step, rng, centre_state), False
             optimizer.step()

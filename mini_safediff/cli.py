@@ -57,6 +57,37 @@ def positive_float(value: str) -> float:
     return number
 
 
+def _range(value: str, number, low: float, what: str) -> tuple:
+    parts = [part.strip() for part in str(value).split(",")]
+    try:
+        values = tuple(number(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) == 1:
+        values = values * 2
+    if len(values) != 2 or not low <= values[0] <= values[1] < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value!r}: give LOW,HIGH (or one value) with {what}")
+    return values
+
+
+def int_range(value: str) -> tuple:
+    """An argparse type: "LOW,HIGH" or "N" -> (low, high), whole numbers with 0 <= low <= high (a range drawn from)."""
+    return _range(value, int, 0, "whole numbers 0 <= LOW <= HIGH")
+
+
+def positive_int_range(value: str) -> tuple:
+    """int_range with low >= 1."""
+    return _range(value, int, 1, "whole numbers 1 <= LOW <= HIGH")
+
+
+def positive_float_range(value: str) -> tuple:
+    """An argparse type: "LOW,HIGH" or "X" -> (low, high), finite numbers with 0 < low <= high."""
+    values = _range(value, float, 0, "finite numbers 0 < LOW <= HIGH")
+    if values[0] <= 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: give LOW,HIGH (or one value) with finite numbers 0 < LOW <= HIGH")
+    return values
+
+
 def decay(value: str) -> float:
     """An argparse type: an EMA decay in [0, 1) (0: off)."""
     number = float(value)
