@@ -7,9 +7,8 @@ from safetensors.torch import load_file, save_file
 
 import mini_safediff as msd
 from mini_safediff.models.config import ConfigError
-from mini_safediff.models.loading import text_state_dict
 
-from tiny_models import saved_diffusers_pipeline
+from tiny_models import assert_same_weights, saved_diffusers_pipeline
 
 
 def rel_err(ours, ref):
@@ -21,14 +20,6 @@ def reference(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(request.param)
     prediction_type = "epsilon" if request.param == "sd1" else "v_prediction"
     return folder, saved_diffusers_pipeline(folder, request.param, prediction_type)
-
-
-def assert_same_weights(ours: torch.nn.Module, ref: torch.nn.Module):
-    ours, ref = ours.state_dict(), ref.state_dict()
-    if "text_model.final_layer_norm.weight" in ours:  # transformers 5 drops the `text_model.` level
-        ref = text_state_dict(ref)
-    assert ours.keys() == ref.keys()
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import mini_safediff as msd
 
-from tiny_models import saved_diffusers_pipeline
+from tiny_models import assert_same_weights, saved_diffusers_pipeline
 
 PROMPTS = ["a photo of a cat", "", "Ünïcödé, punctuation!!! ... and    spaces " * 8]
 
@@ -23,16 +23,6 @@ def rel_err(ours, ref):
 def reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sdxl")
     return folder, saved_diffusers_pipeline(folder, "sdxl")
-
-
-def assert_same_weights(ours: torch.nn.Module, ref: torch.nn.Module):
-    from mini_safediff.models.loading import text_state_dict
-
-    ours, ref = ours.state_dict(), ref.state_dict()
-    if "text_model.final_layer_norm.weight" in ours:  # transformers 5 drops CLIPTextModel's `text_model.` level
-        ref = text_state_dict(ref)
-    assert ours.keys() == ref.keys()
-    assert all(torch.equal(ours[k], ref[k]) for k in ref)
 
 
 @torch.no_grad()

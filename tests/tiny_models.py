@@ -118,3 +118,14 @@ def sample_images(seed=0) -> list:
         smooth = np.stack([np.sin(6 * x + c) * np.cos(4 * y - c) for c in range(3)], -1) * 100 + 128
         images.append(np.clip(smooth + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
     return images
+
+
+def assert_same_weights(ours: torch.nn.Module, ref: torch.nn.Module):
+    """Our module and the reference library's hold the same tensors under the same keys."""
+    from mini_safediff.models.loading import text_state_dict
+
+    ours, ref = ours.state_dict(), ref.state_dict()
+    if "text_model.final_layer_norm.weight" in ours:  # transformers 5 drops CLIPTextModel's `text_model.` level
+        ref = text_state_dict(ref)
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
