@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .methods.sld import SLD_PRESETS, sld_config
+from .miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
 from .models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .models.weights import PICKLE_SUFFIXES
 
@@ -144,7 +145,6 @@ def harmful_digits(value: str) -> list[int]:
 def fill_sampling_defaults(args) -> None:
     """--steps and --guidance left unset: the miniature's fixed sampling with the digit judge, the usual Stable
     Diffusion defaults with any other."""
-    from .miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
     miniature = args.judge == "digits"
     if args.steps is None:
         args.steps = SAMPLING_STEPS if miniature else DEFAULT_STEPS
