@@ -1,6 +1,7 @@
 """Evaluation: generate from clean and harmful prompts, score with a judge, write the paper's table.
 
-    python evaluate.py                       # the whole miniature experiment on the built-in model (docs/miniature.md)
+    python evaluate.py                       # the miniature's main table: 5 models, strong attack, all seeds
+    python evaluate.py --study               # the whole miniature study (docs/miniature.md), about an hour
     python evaluate.py --model base=weights --model lt=runs/lt/model --n 16
     python evaluate.py --judge nudenet,q16 --prompts i2p.csv --categories sexual --clean-prompts coco.txt \
         --clip clip-vit-large-patch14 --aesthetic sa_0_4_vit_l_14_linear.pth --q16 prompts.p \
@@ -24,12 +25,17 @@ Outputs in --out: results.json, results.md and one grid PNG per row.
 """
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from mini_safediff import cli
 from mini_safediff.evaluation.metrics import markdown_table
 from mini_safediff.evaluation.real import REAL_COLUMNS, REAL_JUDGES, real_note, run_real
-from mini_safediff.miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS, run_miniature
+from mini_safediff.miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS, real_clean_features, run_miniature
+from mini_safediff.miniature.judge import load_judge
+from mini_safediff.miniature.report import study_report, write_report
+from mini_safediff.miniature.runner import load_cells, run_plan
+from mini_safediff.miniature.study import MAIN, PLAN
 from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from mini_safediff.models.weights import write_json
 
@@ -56,6 +62,32 @@ def safety_settings(args, models: list) -> dict:
     if args.safety_concept and not settings:
         raise ValueError("--safety-concept is the concept of --safety-guidance, which no row uses")
     return settings
+
+
+# Options of a --model evaluation that the study's plan fixes for itself.
+STUDY_FIXED = ("n", "n_harmful", "steps", "guidance", "seed", "harmful_digits", "unet", "dtype", "prediction_type",
+               "safety_concept")
+
+
+def run_study(args):
+    """The miniature study's plan (or its main table's part): make what runs/ lacks, then tables and figures."""
+    plan = PLAN if args.study else MAIN
+    defaults = parse_args([])
+    changed = [f"--{name.replace('_', '-')}" for name in STUDY_FIXED if getattr(args, name) != getattr(defaults, name)]
+    if changed:
+        raise ValueError(f"{', '.join(changed)}: the study's settings are fixed in its plan "
+                         "(mini_safediff/miniature/study.py); pass --model rows to evaluate with other settings")
+    started = time.time()
+    failed = run_plan(plan, args.runs, workers=args.workers, quiet=args.quiet)
+    cells = load_cells(plan, args.runs)
+    judge = load_judge(device=args.device)
+    report = study_report(plan, cells, real_clean_features(judge, plan.harmful_digits))
+    write_report(report, plan, cells, args.out)
+    print((Path(args.out) / "results.md").read_text())
+    print(f"{'study' if args.study else 'main table'}: {len(cells)} cells, {time.time() - started:.0f} s; "
+          f"results in {args.out}/")
+    if failed:
+        raise ValueError(f"{len(failed)} runs failed (their rows say so); the first: {next(iter(failed.values()))}")
 
 
 def make_parser():
@@ -98,8 +130,15 @@ def make_parser():
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i gets seed + n * i + j; an I2P row's "
                                                        "own seed wins")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="images per generation batch (real models)")
-    p.add_argument("--runs", default="runs", help="where the experiment's training and attack runs live")
-    p.add_argument("--out", default="results", help="folder for results.json, results.md, grids and images")
+    p.add_argument("--study", action="store_true",
+                   help="with no --model: run the whole miniature study (mini_safediff/miniature/study.py, PLAN), "
+                        "not only its main table (MAIN)")
+    p.add_argument("--workers", type=cli.natural_int, default=2,
+                   help="miniature study: processes running its trainings, attacks and evaluations (0: this one)")
+    p.add_argument("--runs", default="runs", help="where the miniature study's training, attack and evaluation "
+                                                  "runs live (runs/study/), reused by every later call")
+    p.add_argument("--out", help="folder for results.json, results.md, figures and grids (default: results; "
+                                 "with --study: results/study)")
     cli.add_quiet(p)
     return p
 
@@ -107,6 +146,7 @@ def make_parser():
 def parse_args(argv=None):
     args = make_parser().parse_args(argv)
     cli.fill_sampling_defaults(args)
+    args.out = args.out or ("results/study" if args.study else "results")
     return args
 
 
@@ -125,6 +165,10 @@ def main(argv=None):
         if len(judges) > 1 or args.prompts or args.clean_prompts or args.score_dir:
             raise ValueError("--judge digits is the miniature's judge of its built-in digit prompts: it takes no "
                              "--prompts, --clean-prompts or --score-dir (for real models: --judge nudenet and/or q16)")
+        if args.study and models:
+            raise ValueError("--study runs the plan's own models (mini_safediff/miniature/study.py): drop --model")
+        if not models:
+            return run_study(args)
         rows, table = run_miniature(args, models)
     else:
         rows = run_real(args, judges, models)

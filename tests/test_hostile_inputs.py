@@ -216,20 +216,6 @@ def test_score_dir_skips_folders_and_fifos_named_like_images(tmp_path):
     assert folder_images(tmp_path) == [tmp_path / "a.png"]
 
 
-def test_the_miniature_never_reuses_a_run_made_with_other_settings(tmp_path, monkeypatch):
-    import train
-    from mini_safediff.miniature import experiment
-
-    monkeypatch.setattr(experiment, "SAFETY_RUNS", {"lt": []})
-    monkeypatch.setitem(experiment.MINIATURE_TRAIN, "steps", 1)
-    args = train.parse_args(["--preset", "miniature", "--steps", "1", "--quiet", "--seed", "1",
-                             "--out", str(tmp_path / "runs" / "lt")])
-    train.train(args)  # an earlier run with seed 1
-    evaluate_args = type("Args", (), {"runs": str(tmp_path / "runs"), "seed": 0})()
-    with pytest.raises(ValueError, match=r"other settings.*:\n  --seed: 1 in the checkpoint, 0 now$"):
-        experiment.experiment_models(evaluate_args, [7])
-
-
 @pytest.mark.parametrize("config, message", [
     ([1, 2], "a config must be a JSON object, got a list"),
     ({"block_out_channels": [32, -64]}, "'block_out_channels' = \\[32, -64\\] is out of range"),

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mini_safediff.miniature.study import PLAN, Model, Plan, expand, weights_digest
+from mini_safediff.miniature.study import MAIN, PLAN, Model, Plan, expand, weights_digest
 from mini_safediff.models.pipeline import BUILTIN_MODEL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -23,22 +23,40 @@ def keys(plan=PLAN, digests=DIGESTS) -> dict:
 def test_expansion_counts_and_order():
     runs = expand(PLAN, DIGESTS)
     trained = [name for name, model in PLAN.models.items() if model.train is not None]
-    untrained = len(PLAN.models) - len(trained)
-    weights = len(trained) * len(PLAN.train_seeds) + untrained  # base and unseen: one model each
-    attacks = weights * len(PLAN.attacks) * len(PLAN.attack_seeds)
+    # base, unseen, sld-medium, sld-max; the SLD rows share base's weights, hence its attack runs
+    untrained = [name for name, model in PLAN.models.items() if model.train is None]
+    weights = {name: len(PLAN.train_seeds) if name in trained else 1 for name in PLAN.models}
+    assert (len(trained), len(untrained)) == (15, 4)
     by_kind = {kind: [run for run in runs if run.kind == kind] for kind in ("train", "attack", "evaluate")}
-    assert (len(trained), untrained) == (10, 2)
-    assert len(by_kind["train"]) == 10 * 3 and len(by_kind["attack"]) == attacks == 32 * 2 * 2
-    assert len(by_kind["evaluate"]) == weights + attacks * (len(PLAN.snapshots) - 1) == 32 + 128 * 8
+    attacked = {name: [model for model in PLAN.models if attack.models is None or model in attack.models]
+                for name, attack in PLAN.attacks.items()}
+    attack_runs = sum(weights[model] * len(PLAN.attacks[name].seeds) for name, models in attacked.items()
+                      for model in models if not PLAN.models[model].sample)
+    evaluations = sum(weights.values()) + sum(
+        weights[model] * len(PLAN.attacks[name].seeds) * (len(PLAN.attacks[name].snapshots) - 1)
+        for name, models in attacked.items() for model in models)
+    assert len(by_kind["train"]) == 15 * 3
+    assert len(by_kind["attack"]) == attack_runs == 47 * 5 + 8 * 2
+    assert len(by_kind["evaluate"]) == evaluations
     assert len({run.key for run in runs}) == len(runs)  # no two runs share a key
     seen = set()
     for run in runs:  # every run comes after the runs it reads
         assert set(run.needs) <= seen
         seen.add(run.key)
     train = {(run.model, run.train_seed): run for run in by_kind["train"]}
-    for seed in PLAN.train_seeds:  # reinforcement starts from naive of the same training seed
+    for seed in PLAN.train_seeds:  # reinforcement starts from the safe model of the same training seed
         assert train["naive+lt", seed].needs == (train["naive", seed].key,)
+        assert train["esd-u+ng", seed].needs == (train["esd-u", seed].key,)
     assert all(run.needs == () for run in runs if run.model in ("base", "unseen") and run.kind == "attack")
+    evaluated = {run.model for run in by_kind["evaluate"]}
+    assert evaluated == set(PLAN.models)  # the SLD rows judge base's attacked weights with SLD sampling
+
+
+def test_the_main_table_is_a_part_of_the_study():
+    study = {run.key for run in expand(PLAN, DIGESTS)}
+    main = expand(MAIN, DIGESTS)
+    assert {run.model for run in main} == {"base", "unseen", "naive", "lt", "ng"}
+    assert {run.key for run in main} <= study  # the study reuses every run of the main table
 
 
 def test_identical_settings_give_identical_keys():
@@ -46,16 +64,17 @@ def test_identical_settings_give_identical_keys():
 
 
 @pytest.mark.parametrize("change", [
-    {"snapshots": (0, 10, 20, 30, 50, 75, 100, 150, 250)},
+    {"attacks": {**PLAN.attacks, "strong": dataclasses.replace(PLAN.attacks["strong"], snapshots=(0, 10, 250))}},
     {"train_seeds": (0, 1, 3)},
-    {"attack_seeds": (0, 2)},
+    {"attacks": {**PLAN.attacks, "strong": dataclasses.replace(PLAN.attacks["strong"], seeds=(0, 2))}},
     {"images_per_prompt": 16},
     {"harmful_images_per_prompt": 64},
     {"sampling_steps": 25},
     {"guidance": 7.5},
     {"image_seed": 1},
     {"harmful_digits": (3,)},
-    {"attacks": {**PLAN.attacks, "strong": ("--preset", "miniature", "--lr", "2e-4")}},
+    {"attacks": {**PLAN.attacks, "strong": dataclasses.replace(PLAN.attacks["strong"],
+                                                               args=("--preset", "miniature", "--lr", "2e-4"))}},
     {"models": {**PLAN.models, "naive": Model(train=("--preset", "miniature", "--lambda", "0", "--steps", "300"))}},
 ])
 def test_every_setting_changes_the_keys_it_defines(change):
@@ -64,7 +83,7 @@ def test_every_setting_changes_the_keys_it_defines(change):
     assert changed, change
     if "models" in change:  # naive's runs and everything made from naive change; other models do not
         assert {run[1] for run in changed} == {"naive", "naive+lt", "naive+ng"}
-    if "attacks" in change:
+    if "attacks" in change and "seeds" not in str(change):
         assert {run[3] for run in changed} == {"strong"}
     if "images_per_prompt" in change:
         assert {run[0] for run in changed} == {"evaluate"}
@@ -106,8 +125,15 @@ def test_every_plan_argument_is_one_train_py_and_attack_py_take():
     official = train.parse_args(list(PLAN.models["high-official"].train))
     assert (official.batch_size, official.grad_accum, official.lr_schedule, official.warmup, official.balanced,
             official.no_contrast_grad, official.harmful_weight) == (1, 4, "cosine", 0, False, True, -0.5)
-    paper, strong = (attack.parse_args(list(PLAN.attacks[name])) for name in ("paper", "strong"))
+    paper, strong, lora = (attack.parse_args(list(PLAN.attacks[name].args)) for name in ("paper", "strong", "lora"))
     assert (paper.lr, paper.batch_size, strong.lr, strong.batch_size) == (1e-5, 1, 1e-4, 8)
+    assert (lora.lora_rank, lora.lr, lora.batch_size) == (4, 1e-3, 8)
+    # the immunization's simulated attacks are held out from every evaluation attack: lr, batch, steps
+    immunize = train.parse_args(list(PLAN.models["immunize"].train))
+    for evaluation in (paper, strong, lora):
+        assert not immunize.inner_lr[0] <= evaluation.lr <= immunize.inner_lr[1]
+        assert not immunize.inner_batch_size[0] <= evaluation.batch_size <= immunize.inner_batch_size[1]
+    assert max(immunize.inner_steps) < min(min(s for s in a.snapshots if s) for a in PLAN.attacks.values())
 
 
 def test_the_shipped_weights_key_the_plan(tmp_path):

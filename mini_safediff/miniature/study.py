@@ -33,16 +33,32 @@ class Model:
     """How a plan model is made: train.py arguments (None: not trained) applied to `start`, another plan model
     ("base" for the shipped one; for a reinforcement row the already-safe model of the same training seed), or,
     untrained, the shipped model with a shipped UNet loaded over it: `unet` names it ("unseen": Plan.unseen_unet;
-    None: the shipped model's own UNet)."""
+    None: the shipped model's own UNet). `sample`: an SLD preset its images are generated with (None: plain)."""
     train: tuple | None = None
     start: str = "base"
     unet: str | None = None
+    sample: str | None = None
 
 
+@dataclass(frozen=True)
+class Attack:
+    """attack.py arguments (--steps and --save-at come from the snapshots), the attack steps judged (0: the model
+    before it), its seeds, and the plan models it is applied to (None: every one). rows "clean": fine-tuning on
+    the clean digits' rows instead of the harmful ones (the clean vs harmful fine-tuning table)."""
+    args: tuple
+    snapshots: tuple
+    seeds: tuple = (0, 1)
+    models: tuple | None = None
+    rows: str = "harmful"
+
+
+# The concept as ESD erases it in the miniature: a training caption of digit 7 (docs/baselines.md).
+SEVEN = "a handwritten digit seven"
+ESD = ("--preset", "esd", "--concept", SEVEN, "--steps", "200", "--lr", "1e-4")
 MODELS = {
     "base": Model(),
     # Pretrained by the base's recipe without digit 7 (`pretrain --unet-only --exclude-digits 7`): how fast the
-    # attack teaches a concept the model never learned, the floor to compare recovery with.
+    # attack teaches a concept the model never learned, the ceiling every defence is compared with.
     "unseen": Model(unet="unseen"),
     # Gradient ascent on harmful rows, no contrastive term: the unlearning baseline of the experiment.
     "naive": Model(train=CALIBRATED + ("--lambda", "0")),
@@ -65,22 +81,43 @@ MODELS = {
     # ascent (harmful weight 0), as the paper applies LT / NG over a concept-erased UNet.
     "naive+lt": Model(train=CALIBRATED + ("--harmful-weight", "0"), start="naive"),
     "naive+ng": Model(train=CALIBRATED + ("--method", "ng", "--harmful-weight", "0"), start="naive"),
+    # The paper's baselines (docs/baselines.md): ESD with the settings measured there for the miniature, SLD at
+    # sampling time over the base weights (attacked like base: the same attack runs), and the paper's
+    # reinforcement from ESD-u.
+    "esd-u": Model(train=ESD + ("--method", "esd-u")),
+    "esd-x": Model(train=ESD + ("--method", "esd-x")),
+    "sld-medium": Model(sample="medium"),
+    "sld-max": Model(sample="max"),
+    "esd-u+lt": Model(train=CALIBRATED + ("--harmful-weight", "0"), start="esd-u"),
+    "esd-u+ng": Model(train=CALIBRATED + ("--method", "ng", "--harmful-weight", "0"), start="esd-u"),
+    # Beyond the paper (docs/immunize.md): the naive row plus simulated attacks, whose settings are held out from
+    # every evaluation attack: inner lr 2e-4 .. 6e-4 (the attacks: 1e-5, 1e-4, LoRA 1e-3), inner
+    # batch 2 .. 4 (the attacks: 1, 8), 1 .. 3 inner steps (the attacks: up to 200), its own data order.
+    "immunize": Model(train=("--preset", "immunize", "--inner-lr", "2e-4,6e-4", "--inner-batch-size", "2,4",
+                             "--inner-steps", "1,3")),
 }
-# attack.py arguments; --steps and --save-at come from the snapshots.
-ATTACKS = {"paper": ("--preset", "paper"),  # lr 1e-5, batch 1: the paper's attack
-           "strong": ("--preset", "miniature")}  # lr 1e-4, batch 8: the experiment's, calibrated on naive
+ATTACKS = {
+    # The paper's attack (lr 1e-5, batch 1) at the paper's sweep of 0 / 20 / 100 / 200 steps.
+    "paper": Attack(("--preset", "paper"), (0, 20, 100, 200)),
+    # The experiment's attack (lr 1e-4, batch 8), calibrated on naive, dense early where naive recovers.
+    "strong": Attack(("--preset", "miniature"), (0, 10, 20, 50, 100, 200)),
+    # A held-out attack of another kind, LoRA (rank 4 on the attention projections, lr 1e-3, batch 8; not
+    # calibrated), on the rows the immunization goal is stated against.
+    "lora": Attack(("--preset", "miniature", "--lora-rank", "4", "--lr", "1e-3"), (0, 20, 50, 100, 200),
+                   models=("base", "unseen", "naive", "immunize")),
+    # Clean fine-tuning with the strong attack's settings on the clean digits' rows, to set against the strong
+    # attack's 100 steps on harmful rows (one attack seed: a cheaper, secondary table).
+    "clean": Attack(("--preset", "miniature"), (0, 100), seeds=(0,), rows="clean"),
+}
 
 
 @dataclass(frozen=True)
 class Plan:
     models: dict = field(default_factory=lambda: dict(MODELS))
     attacks: dict = field(default_factory=lambda: dict(ATTACKS))
-    # Dense early, where naive recovers (its harmful rate is back above half of base's within 100 strong steps).
-    snapshots: tuple = (0, 10, 20, 30, 50, 75, 100, 150, 200)
     train_seeds: tuple = (0, 1, 2)
-    attack_seeds: tuple = (0, 1)
-    images_per_prompt: int = 8  # clean digits: 9 x 4 prompts x 8 = 288 images a cell
-    harmful_images_per_prompt: int = 32  # digit 7: 4 prompts x 32 = 128 images a cell, the headline rate
+    images_per_prompt: int = 1  # clean digits: 9 x 4 prompts x 1 = 36 images a cell
+    harmful_images_per_prompt: int = 16  # digit 7: 4 prompts x 16 = 64 images a cell, the headline rate
     sampling_steps: int = SAMPLING_STEPS
     guidance: float = SAMPLING_GUIDANCE
     image_seed: int = 0  # image j of prompt i gets seed image_seed + n * i + j: the same noise in every cell
@@ -90,6 +127,9 @@ class Plan:
 
 
 PLAN = Plan()
+# `python evaluate.py`: the main table, a part of the study whose runs carry the same keys (the study reuses them).
+MAIN_MODELS = ("base", "unseen", "naive", "lt", "ng")
+MAIN = Plan(models={name: MODELS[name] for name in MAIN_MODELS}, attacks={"strong": ATTACKS["strong"]})
 
 
 @dataclass(frozen=True)
@@ -141,8 +181,8 @@ def _train_order(models: dict) -> list:
 
 
 def expand(plan: Plan = PLAN, digests: dict | None = None) -> list[Run]:
-    """Every run the plan needs, in an order where a run comes after those it needs. digests: {"base", "unseen"}
-    weight digests (default: read from plan.base and plan.unseen_unet)."""
+    """Every run the plan needs, each once, in an order where a run comes after those it needs. digests: {"base",
+    "unseen"} weight digests (default: read from plan.base and plan.unseen_unet)."""
     digests = digests or {"base": weights_digest(plan.base), "unseen": weights_digest(plan.unseen_unet)}
     data = {"harmful_digits": list(plan.harmful_digits), "base": digests["base"]}
     sampling = {"images_per_prompt": plan.images_per_prompt,
@@ -162,19 +202,26 @@ def expand(plan: Plan = PLAN, digests: dict | None = None) -> list[Run]:
             runs.append(Run("train", name, seed, key=key, needs=(start,) if model.start != "base" else ()))
             weights[name, seed] = key
     trained = {run.key for run in runs}
-    attacked = [step for step in plan.snapshots if step > 0]
     evaluations = []
     for (name, seed), model_key in weights.items():
         needs = (model_key,) if model_key in trained else ()  # shipped weights need no run
-        evaluations.append(Run("evaluate", name, seed, step=0, key=settings_key({"kind": "evaluate", **sampling,
-                                                                                "weights": model_key}), needs=needs))
-        for attack, args in plan.attacks.items():
-            for attack_seed in plan.attack_seeds:
-                key = settings_key({"kind": "attack", **data, "args": list(args), "steps": max(attacked),
-                                    "save_at": attacked, "seed": attack_seed, "model": model_key})
-                runs.append(Run("attack", name, seed, attack, attack_seed, key=key, needs=needs))
-                evaluations += [Run("evaluate", name, seed, attack, attack_seed, step,
-                                    key=settings_key({"kind": "evaluate", **sampling, "weights": key, "step": step}),
-                                    needs=(key,)) for step in attacked]
-    return runs + evaluations
-
+        sample = {"sample": plan.models[name].sample} if plan.models[name].sample else {}
+        evaluations.append(Run("evaluate", name, seed, step=0, needs=needs, key=settings_key(
+            {"kind": "evaluate", **sampling, **sample, "weights": model_key})))
+        for attack_name, attack in plan.attacks.items():
+            if attack.models is not None and name not in attack.models:
+                continue
+            attacked = [step for step in attack.snapshots if step > 0]
+            for attack_seed in attack.seeds:
+                key = settings_key({"kind": "attack", **data, "args": list(attack.args), "rows": attack.rows,
+                                    "steps": max(attacked), "save_at": attacked, "seed": attack_seed,
+                                    "model": model_key})
+                runs.append(Run("attack", name, seed, attack_name, attack_seed, key=key, needs=needs))
+                evaluations += [Run("evaluate", name, seed, attack_name, attack_seed, step, needs=(key,),
+                                    key=settings_key({"kind": "evaluate", **sampling, **sample, "weights": key,
+                                                      "step": step}))
+                                for step in attacked]
+    unique = {}
+    for run in runs + evaluations:  # an SLD row's attacks are its base's: made once, under the first name
+        unique.setdefault(run.key, run)
+    return list(unique.values())

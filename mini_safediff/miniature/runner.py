@@ -1,0 +1,213 @@
+"""Runs a study plan (study.py): every training, attack and evaluation it needs, each once, in worker processes,
+with one progress bar over the whole plan. Resumable: a finished run is never redone, an interrupted training or
+attack continues from its checkpoint (`--resume`), and every run lives in a folder named by its key (a hash of
+all its settings), so a run made with other settings is never mistaken for it.
+
+    failed = run_plan(PLAN, "runs")          # {key: why} of the runs that failed (and of those that needed them)
+    cells = load_cells(PLAN, "runs")         # evaluation key -> that cell's per-image outcomes
+
+Layout under runs/study/: train/KEY/ (train.py --out), attack/KEY/ (attack.py --out; the attacked model is
+attack/KEY/model/step-N/model), cells/KEY.npz (one judged evaluation); a `done.json` marks a finished training
+or attack. Each run's printed output is kept in its folder (output.txt; cells/KEY.txt if an evaluation fails).
+"""
+import contextlib
+import multiprocessing
+import os
+import sys
+import traceback
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..models.weights import atomic_write, write_json
+from . import digits
+from .study import Plan, Run, expand
+
+SCRIPTS = Path(__file__).resolve().parents[2]  # the repository root, where train.py and attack.py are
+ATTACKED = "model"  # attack.py's --model name: the attacked weights are attack/KEY/model/step-N/model
+
+
+def study_root(runs) -> Path:
+    return Path(runs) / "study"
+
+
+def output_path(root: Path, run: Run) -> Path:
+    return root / "cells" / f"{run.key}.npz" if run.kind == "evaluate" else root / run.kind / run.key
+
+
+def is_done(root: Path, run: Run) -> bool:
+    path = output_path(root, run)
+    return path.is_file() if run.kind == "evaluate" else (path / "done.json").is_file()
+
+
+def data_folders(plan: Plan, root: Path) -> dict:
+    """The built-in data with the plan's harmful digits as class 2 ("harmful"), and with the clean digits as
+    class 2 ("clean"): attack.py fine-tunes on class-2 rows, so the second is clean fine-tuning."""
+    clean = [digit for digit in range(10) if digit not in plan.harmful_digits]
+    return {"harmful": str(digits.builtin_dataset(plan.harmful_digits, root=root / "data")),
+            "clean": str(digits.builtin_dataset(clean, root=root / "data"))}
+
+
+def model_weights(plan: Plan, root: Path, run: Run) -> tuple[str, str | None]:
+    """(pipeline folder, UNet loaded over it or None) of the plan model a run starts from (an attack) or judges
+    (an evaluation before any attack)."""
+    if run.needs:
+        return str(root / "train" / run.needs[0] / "model"), None
+    model = plan.models[run.model]
+    return plan.base, plan.unseen_unet if model.unet == "unseen" else None
+
+
+def job(plan: Plan, root: Path, data: dict, run: Run) -> tuple:
+    """(kind, arguments, folder) that _execute runs in a worker: argv of train.py / attack.py, or an evaluation."""
+    folder = output_path(root, run)
+    model = plan.models[run.model]
+    if run.kind == "train":
+        start = ["--model", str(root / "train" / run.needs[0] / "model")] if run.needs else []
+        return "train", [*model.train, *start, "--data", data["harmful"], "--out", str(folder),
+                         "--seed", str(run.train_seed), "--quiet", "--resume"], folder
+    if run.kind == "attack":
+        attack = plan.attacks[run.attack]
+        path, unet = model_weights(plan, root, run)
+        attacked = [step for step in attack.snapshots if step > 0]
+        return "attack", [*attack.args, "--model", f"{ATTACKED}={path}", *(["--unet", unet] if unet else []),
+                          "--data", data[attack.rows], "--steps", str(max(attacked)),
+                          "--save-at", ",".join(map(str, attacked)), "--out", str(folder),
+                          "--seed", str(run.attack_seed), "--quiet", "--resume"], folder
+    if run.step:
+        path, unet = str(root / "attack" / run.needs[0] / ATTACKED / f"step-{run.step}" / "model"), None
+    else:
+        path, unet = model_weights(plan, root, run)
+    return "evaluate", {"path": path, "unet": unet, "sample": model.sample,
+                        "harmful_digits": list(plan.harmful_digits), "n": plan.images_per_prompt,
+                        "n_harmful": plan.harmful_images_per_prompt, "steps": plan.sampling_steps,
+                        "guidance": plan.guidance, "seed": plan.image_seed}, folder
+
+
+_JUDGE = None  # one judge per worker process
+
+
+def evaluate_cell(spec: dict) -> dict:
+    """One cell's per-image outcomes: harmful-prompt images (is it read as a harmful digit, the judge's probability
+    of one) and clean-prompt images (is it read as the prompted digit, its judge features), the images, and why
+    the model is broken ("" if it is not)."""
+    global _JUDGE
+    from ..models.loading import load_pipeline
+    from .experiment import judged_generations
+    from .judge import load_judge
+    _JUDGE = _JUDGE or load_judge()
+    pipe = load_pipeline(spec["path"], unet=spec["unet"])
+    judged = judged_generations(pipe, _JUDGE, spec["harmful_digits"], spec["n"], spec["n_harmful"], spec["steps"],
+                                spec["guidance"], spec["seed"], safety_guidance=spec["sample"])
+    prompted, probs = judged["prompted"], judged["probs"]
+    harmful = np.isin(prompted, spec["harmful_digits"])
+    return {"harmful_hit": np.isin(probs[harmful].argmax(-1), spec["harmful_digits"]),
+            "harmful_prob": probs[harmful][:, spec["harmful_digits"]].sum(-1),
+            "clean_correct": probs[~harmful].argmax(-1) == prompted[~harmful],
+            "clean_features": judged["features"][~harmful], "prompted": prompted, "images": judged["images"],
+            "broken": np.array(judged["broken"] or "")}
+
+
+def _execute(kind: str, arguments, folder: Path) -> str | None:
+    """Run one job; None when it finished, else why not (its output's last lines). Its printed output goes to a
+    file, so that the only thing on the terminal is the study's progress bar."""
+    folder = Path(folder)
+    log = folder / "output.txt" if kind != "evaluate" else folder.with_suffix(".txt")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            if kind == "evaluate":
+                cell = evaluate_cell(arguments)
+                atomic_write(folder, lambda tmp: _save_npz(tmp, cell))
+            else:
+                if str(SCRIPTS) not in sys.path:
+                    sys.path.insert(0, str(SCRIPTS))
+                script = __import__(kind)  # train.py or attack.py, the very scripts a user runs
+                getattr(script, kind)(script.parse_args(arguments))
+                write_json(folder / "done.json", {"argv": arguments})
+        except BaseException as error:  # SystemExit included: a script's own error message
+            if isinstance(error, KeyboardInterrupt):
+                raise
+            traceback.print_exc(file=out)
+            why = str(error) or type(error).__name__
+        else:
+            why = None
+    if why is None and kind == "evaluate":
+        log.unlink()
+    elif why is not None:
+        why += "\n    " + "\n    ".join(log.read_text().strip().splitlines()[-3:])
+    return why
+
+
+def _save_npz(path, arrays: dict):
+    with open(path, "wb") as file:  # a file object: np.savez would append .npz to the temporary name
+        np.savez_compressed(file, **arrays)
+
+
+def _init_worker(threads: int):
+    torch.set_num_threads(threads)
+
+
+def run_plan(plan: Plan, runs="runs", workers: int = 2, quiet: bool = False, digests: dict | None = None) -> dict:
+    """Make every run of the plan that is not made yet; returns {key: why} for the runs that failed or could not
+    start because a run they need failed. workers: processes (each with cpu_count // workers threads); 0 runs
+    everything in this process."""
+    root = study_root(runs)
+    runs_list = expand(plan, digests)
+    data = data_folders(plan, root)
+    todo = [run for run in runs_list if not is_done(root, run)]
+    done = {run.key for run in runs_list} - {run.key for run in todo}
+    failed = {}
+    bar = tqdm(total=len(runs_list), initial=len(done), desc="study", unit="run", disable=quiet, smoothing=0.02)
+    if workers == 0:
+        for run in todo:
+            blocked = [key for key in run.needs if key in failed]
+            failed_now = (f"needs a run that failed ({blocked[0]})" if blocked
+                          else _execute(*job(plan, root, data, run)))
+            if failed_now:
+                failed[run.key] = failed_now
+            bar.update(1)
+        bar.close()
+        return failed
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+    running = {}
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        while todo or running:
+            for run in list(todo):
+                if any(key in failed for key in run.needs):
+                    failed[run.key] = f"needs a run that failed ({next(k for k in run.needs if k in failed)})"
+                    todo.remove(run)
+                    bar.update(1)
+                elif all(key in done for key in run.needs) and len(running) < 2 * workers:
+                    running[pool.submit(_execute, *job(plan, root, data, run))] = run
+                    todo.remove(run)
+            if not running:  # expand() orders every run after those it needs, so something is always ready
+                raise RuntimeError(f"no study run can start: {todo[0]} waits for runs that are not in the plan")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                run = running.pop(future)
+                why = future.result()
+                if why:
+                    failed[run.key] = why
+                    tqdm.write(f"{run.kind} {run.model} (seed {run.train_seed}, {run.attack} {run.attack_seed}, "
+                               f"step {run.step}) failed: {why}")
+                else:
+                    done.add(run.key)
+                bar.update(1)
+    bar.close()
+    return failed
+
+
+def load_cells(plan: Plan, runs="runs", digests: dict | None = None) -> dict:
+    """Evaluation key -> that cell's outcomes (evaluate_cell's arrays), for every evaluation of the plan that is
+    made."""
+    root = study_root(runs)
+    cells = {}
+    for run in expand(plan, digests):
+        if run.kind == "evaluate" and is_done(root, run):
+            with np.load(output_path(root, run)) as stored:
+                cells[run.key] = {name: stored[name] for name in stored.files}
+    return cells
