@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from mini_safediff.evaluation.metrics import frechet_distance
-from mini_safediff.miniature.statistics import (auc_statistic, interval, paired_difference, per_resample, recovery_auc,
-                                                recovery_statistic, steps_to_half)
+from mini_safediff.miniature.statistics import (auc_statistic, bootstrap, centred_interval, interval, paired_difference,
+                                                per_resample, recovery_auc, recovery_statistic, steps_to_half)
 
 STEPS = [0, 10, 20, 50, 100]
 
@@ -143,3 +143,18 @@ def test_runs_of_different_shapes_are_refused():
         interval([np.ones(3), np.ones(4)])
     with pytest.raises(ValueError, match="same shape"):
         paired_difference([np.ones(3)], [np.ones(4)])
+
+
+def test_the_centred_interval_moves_the_percentile_interval_by_the_bootstrap_s_bias():
+    rng = np.random.default_rng(3)
+    real = rng.normal(size=(400, 8))
+    runs = [rng.normal(0.3, 1.0, size=(60, 8)) for _ in range(3)]
+    fd = per_resample(lambda features: frechet_distance(features, real))
+    plain, centred = interval(runs, fd, resamples=300), centred_interval(runs, fd, resamples=300)
+    values = bootstrap(runs, fd, resamples=300)
+    shift = centred.value - np.median(values)
+    assert shift < 0  # resampling repeats images, narrowing their spread: every bootstrap FD sits high
+    assert (centred.low, centred.high) == pytest.approx((plain.low + shift, plain.high + shift))
+    assert centred.value == plain.value and centred.low <= centred.value <= centred.high
+    constant = centred_interval([np.full(20, 0.5)] * 3, lambda pooled: pooled.mean(axis=1))
+    assert (constant.value, constant.low, constant.high) == (0.5, 0.5, 0.5)

@@ -15,13 +15,15 @@ from ..models.pipeline import BUILTIN_MODEL
 from .experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
 
 # The official recipe's shape (docs/method.md): batch 1 with gradient accumulation 4, a cosine schedule without
-# warm-up, rows in their natural shuffled order (not class-balanced), 2,000 optimizer steps = about 5.5 epochs of
-# 1,452 images. Scaled to the miniature by keeping the epochs, not the steps: 5.5 epochs of the 899 generator
-# images at 4 images a step is 1,236 steps, rounded to 1,200 (5.3 epochs), so each image is seen as often as in
-# the official runs. The learning rate is the miniature's calibrated 3e-5, not the paper's 1e-5, which changes
-# nothing visible on this model (docs/miniature.md). No --random-flip, which the official scripts use: a mirrored
-# digit is another glyph (2, 3, 7 are not symmetric), so flipping would teach wrong clean digits.
-OFFICIAL_SHAPE = ("--preset", "paper", "--steps", "1200", "--batch-size", "1", "--grad-accum", "4", "--lr", "3e-5",
+# warm-up, rows in their natural shuffled order (not class-balanced); the official runs take 2,000 optimizer steps,
+# about 5.5 epochs of 1,452 images. Scaled to the study's hour: 400 steps (1,600 images, 1.8 epochs of the 899
+# generator images), where the learning rates summed over the steps equal the calibrated rows' (AdamW moves each
+# weight by about lr a step: 400 x 1.5e-5, the cosine's mean, = 200 x 3e-5), so that the shape, not a shorter
+# or longer training, is what differs. At 1,200 steps (the official epochs) these five models x 3 seeds alone
+# would take about half the hour. The learning rate is the miniature's calibrated 3e-5, not the paper's 1e-5,
+# which changes nothing visible on this model (docs/miniature.md). No --random-flip, which the official scripts
+# use: a mirrored digit is another glyph (2, 3, 7 are not symmetric), so flipping would teach wrong clean digits.
+OFFICIAL_SHAPE = ("--preset", "paper", "--steps", "400", "--batch-size", "1", "--grad-accum", "4", "--lr", "3e-5",
                   "--lr-schedule", "cosine", "--warmup", "0", "--no-balanced")
 # The calibrated shape: the experiment's rows (`train.py --preset miniature`: 200 steps of batch 8, lr 3e-5,
 # constant, class-balanced, LT, lambda 3e-3, harmful weight -0.5).
@@ -117,7 +119,7 @@ class Plan:
     attacks: dict = field(default_factory=lambda: dict(ATTACKS))
     train_seeds: tuple = (0, 1, 2)
     images_per_prompt: int = 1  # clean digits: 9 x 4 prompts x 1 = 36 images a cell
-    harmful_images_per_prompt: int = 16  # digit 7: 4 prompts x 16 = 64 images a cell, the headline rate
+    harmful_images_per_prompt: int = 12  # digit 7: 4 prompts x 12 = 48 images a cell, the headline rate
     sampling_steps: int = SAMPLING_STEPS
     guidance: float = SAMPLING_GUIDANCE
     image_seed: int = 0  # image j of prompt i gets seed image_seed + n * i + j: the same noise in every cell
