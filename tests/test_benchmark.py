@@ -60,3 +60,25 @@ def test_train_memory_measures_train_py(tmp_path):
     assert full["peak_bytes"] >= 4 * weight_bytes  # float32 weights, gradients and moments
     assert recipe["peak_bytes"] < full["peak_bytes"]
     assert recipe["step_seconds"] > 0 and full["step_seconds"] > 0  # from train.py's log
+
+
+def test_gemm_fraction_prints_the_fraction_of_the_peak(tmp_path, capsys):
+    """benchmarks/gemm_fraction.py on the tiny config, cut down (few images, one step, one repeat): it prints the
+    peak, the tiny UNet's fraction of it and the evaluation cell's phases, and writes the same to --out."""
+    import re
+
+    import gemm_fraction
+
+    out = tmp_path / "fraction.md"
+    gemm_fraction.main(["--configs", "tiny", "--peak-size", "256", "--peak-repeats", "1", "--repeats", "1",
+                        "--phase-repeats", "1", "--images", "8", "--steps", "1", "--profile", "--profile-rows", "3",
+                        "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert re.search(r"GEMM peak: [\d.]+ GFLOP/s", printed)
+    row = next(line for line in printed.splitlines() if line.startswith("| tiny | 16 |"))  # 8 images x 2 branches
+    fraction = float(re.search(r"\*\*([\d.]+)%\*\*", row).group(1))
+    assert 0 < fraction
+    for phase in ("text encoding", "denoising loop", "VAE decode", "digit judge"):
+        assert f"| {phase} |" in printed
+    assert "Self CPU" in printed
+    assert out.read_text().splitlines()[2:5] == printed.splitlines()[2:5]

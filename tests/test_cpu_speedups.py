@@ -81,3 +81,27 @@ def test_vae_runs_channels_last_on_cpu_with_the_same_result(model):
     assert rel_err(images, plain.decode(latents)) < 1e-5  # float rounding; the parity tests allow 1e-4
     assert rel_err(encoded, plain.encode(images).mean) < 1e-5
     assert torch.equal(images, fast.decode(latents.contiguous(memory_format=torch.channels_last)))
+
+
+@pytest.mark.skipif(not cpu_speedups.onednn_linear_available(), reason="this torch has no oneDNN linear op")
+@pytest.mark.parametrize("shape, bias", [((6, 77, 64), False), ((3, 5, 7, 64), True), ((4, 64), True)])
+def test_onednn_linear_equals_linear_and_keeps_autograd(shape, bias):
+    """Without autograd the oneDNN kernel gives nn.Linear's output (also for a non-contiguous input); with autograd
+    it is nn.Linear itself, gradients included."""
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(64, 48, bias=bias)
+    fast = copy.deepcopy(ref)
+    fast.__class__ = cpu_speedups.OneDNNLinear
+    x = torch.randn(shape)
+    with torch.no_grad():
+        for inputs in (x, torch.randn(shape[::-1]).permute(*reversed(range(len(shape))))):
+            assert rel_err(fast(inputs), ref(inputs)) < 1e-6
+    x.requires_grad_()
+    fast(x).square().sum().backward()
+    assert x.grad is not None and fast.weight.grad is not None
+
+
+def test_load_pipeline_gives_the_unet_linears_the_onednn_path(model):
+    linears = [m for m in msd.load_pipeline(model, device="cpu").unet.modules() if isinstance(m, torch.nn.Linear)]
+    expected = cpu_speedups.OneDNNLinear if cpu_speedups.onednn_linear_available() else torch.nn.Linear
+    assert linears and all(type(m) is expected for m in linears)

@@ -8,6 +8,12 @@ Off the CPU the models run as written.
   forward and backward, than PyTorch's CPU convolution (oneDNN). Most likely oneDNN copies the weight
   (59 MB there) into its blocked layout on every call, which costs more than the arithmetic over so few
   pixels; that explanation is not verified, the speed difference is measured.
+- The UNet's linear layers, at inference (no autograd) in float32, go to oneDNN's linear kernel
+  (OneDNNLinear, through torch.ops.mkldnn._linear_pointwise, the op torch.compile's CPU backend uses) instead
+  of torch.mm / addmm, whose BLAS (MKL) reached about half of oneDNN's float32 rate on the 2-core AMD CPU. The
+  built-in model's forward at the miniature's generation batch (832 rows) took 0.82x the time, the SD 1.5
+  UNet's forward 0.85x (benchmarks/gemm_fraction.py, docs/performance.md). Training keeps
+  nn.Linear: the op has no backward.
 - The VAE runs channels-last: its convolutions (few channels, large images) go to oneDNN, which reorders an
   NCHW tensor on every call, costing time and a buffer the size of the output. Channels-last measured ~20%
   faster with ~20% less peak memory at 256 px. (The UNet did not gain and stays NCHW.)
@@ -42,6 +48,20 @@ class GemmConv2d(nn.Conv2d):
         return out.unflatten(-1, (H_out, W_out))
 
 
+def onednn_linear_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class OneDNNLinear(nn.Linear):
+    """nn.Linear that, on the CPU in float32 without autograd, computes x @ W.T + b with oneDNN's linear
+    kernel (the same product, another library)."""
+
+    def forward(self, x):
+        if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled():
+            return super().forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
 def gemm_eligible(conv: nn.Module) -> bool:
     return (type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1)
             and conv.padding_mode == "zeros" and conv.bias is not None)
@@ -54,9 +74,12 @@ def channels_last_on_cpu(module, args):
 
 
 def apply(unet=None, vae=None):
-    """Give the UNet's resnet and resampling convolutions the GEMM path and run the VAE channels-last on the
-    CPU. In place; the same outputs up to float rounding."""
+    """Give the UNet's resnet and resampling convolutions the GEMM path and its linear layers the oneDNN path,
+    and run the VAE channels-last on the CPU. In place; the same outputs up to float rounding."""
     if unet is not None:
+        for module in unet.modules():
+            if type(module) is nn.Linear and onednn_linear_available():
+                module.__class__ = OneDNNLinear  # the same parameters and keys, another forward
         for block in unet.modules():
             if isinstance(block, (ResnetBlock2D, Downsample2D, Upsample2D)):
                 for conv in block.children():
