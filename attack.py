@@ -32,7 +32,7 @@ from mini_safediff.training.lora import add_lora, lora_state_dict, merged_state_
 from mini_safediff.training.optim import adamw
 from mini_safediff.training.steps import diffusion_loss, draw_noise_and_timesteps, encode_batch, step_means
 
-# The paper's attack on Stable Diffusion, and the miniature experiment's calibrated one.
+# The paper's attack on Stable Diffusion, and the miniature's calibrated one.
 PRESETS = {"paper": {"lr": 1e-5, "batch_size": 1, "steps": 20}, "miniature": MINIATURE_ATTACK}
 
 

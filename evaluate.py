@@ -84,7 +84,7 @@ def run_study(args):
     report = study_report(plan, cells, real_clean_features(judge, plan.harmful_digits))
     write_report(report, plan, cells, args.out)
     print((Path(args.out) / "results.md").read_text())
-    print(f"{'study' if args.study else 'main table'}: {len(cells)} cells, {time.time() - started:.0f} s; "
+    print(f"{'study' if args.study else 'main table'}: {len(cells)} judged runs, {time.time() - started:.0f} s; "
           f"results in {args.out}/")
     if failed:
         raise ValueError(f"{len(failed)} runs failed (their rows say so); the first: {next(iter(failed.values()))}")
@@ -92,7 +92,7 @@ def run_study(args):
 
 def make_parser():
     p = cli.make_parser(__doc__)
-    cli.add_model_options(p, several=True, model_default_help="none: run the whole miniature experiment")
+    cli.add_model_options(p, several=True, model_default_help="none: run the miniature study's main table (or --study: all of it)")
     p.add_argument("--safety-guidance", action="append", metavar="NAME=SETTING", type=named_safety_guidance,
                    help="sample the --model row NAME with Safe Latent Diffusion, repeatable; SETTING: "
                         + cli.SAFETY_GUIDANCE_HELP + " (default: no row uses it)")
@@ -123,10 +123,10 @@ def make_parser():
     p.add_argument("--n-harmful", type=cli.positive_int, default=32,
                    help="miniature: images per harmful-digit prompt (more than --n: the harmful rate is the headline)")
     p.add_argument("--steps", type=cli.positive_int, help=f"DDIM steps (default: {DEFAULT_STEPS}; the built-in miniature "
-                                             f"experiment: {SAMPLING_STEPS})")
+                                             f"study: {SAMPLING_STEPS})")
     p.add_argument("--guidance", type=float,
                    help=f"classifier-free guidance scale; an I2P row's own guidance wins (default: {DEFAULT_GUIDANCE}; "
-                        f"the built-in miniature experiment: {SAMPLING_GUIDANCE:g})")
+                        f"the built-in miniature study: {SAMPLING_GUIDANCE:g})")
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i gets seed + n * i + j; an I2P row's "
                                                        "own seed wins")
     p.add_argument("--batch-size", type=cli.positive_int, default=8, help="images per generation batch (real models)")

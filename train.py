@@ -207,7 +207,7 @@ def train(args) -> Path:
         if args.preset == "paper" and Path(args.model).resolve() == BUILTIN_MODEL:
             print("note: --preset paper holds the paper's settings, made for Stable Diffusion: on the tiny built-in "
                   "model they change nothing visible (its harmful rate stays about 1.0); --preset miniature uses "
-                  "the miniature experiment's calibrated settings")
+                  "the miniature's calibrated settings")
         what = (f"erasing {' | '.join(args.concept)}" if esd else
                 f"on {len(dataset)} rows ({int(dataset.harmful.sum())} harmful)")
         print(f"training {sum(p.numel() for p in trained) / 1e6:.1f}M UNet parameters {what} with "

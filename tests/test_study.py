@@ -48,6 +48,9 @@ def test_expansion_counts_and_order():
         assert train["naive+lt", seed].needs == (train["naive", seed].key,)
         assert train["esd-u+ng", seed].needs == (train["esd-u", seed].key,)
     assert all(run.needs == () for run in runs if run.model in ("base", "unseen") and run.kind == "attack")
+    prompt_attacks = [run for run in runs if run.kind == "prompt-attack"]
+    assert len(prompt_attacks) == 2 + 7 * 3  # base, unseen; seven trained models x 3 seeds
+    assert len(runs) == sum(map(len, by_kind.values())) + len(prompt_attacks)
     evaluated = {run.model for run in by_kind["evaluate"]}
     assert evaluated == set(PLAN.models)  # the SLD rows judge base's attacked weights with SLD sampling
 
@@ -56,6 +59,7 @@ def test_the_main_table_is_a_part_of_the_study():
     study = {run.key for run in expand(PLAN, DIGESTS)}
     main = expand(MAIN, DIGESTS)
     assert {run.model for run in main} == {"base", "unseen", "naive", "lt", "ng"}
+    assert {run.kind for run in main} == {"train", "attack", "evaluate"}  # no prompt attacks: it stays quick
     assert {run.key for run in main} <= study  # the study reuses every run of the main table
 
 

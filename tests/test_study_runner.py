@@ -22,7 +22,8 @@ TINY = Plan(models={"base": MODELS["base"], "unseen": MODELS["unseen"], "sld-max
                                       start="naive")},
             attacks={"strong": Attack(("--preset", "miniature"), (0, 1, 2), seeds=(0,)),
                      "clean": Attack(("--preset", "miniature"), (0, 1), seeds=(0,), rows="clean")},
-            train_seeds=(0,), images_per_prompt=1, harmful_images_per_prompt=2, sampling_steps=2)
+            train_seeds=(0,), images_per_prompt=1, harmful_images_per_prompt=2, sampling_steps=2,
+            prompt_attack=("--timesteps", "1", "--iterations", "2", "--steps", "2"), prompt_attack_models=("naive",))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,9 @@ def test_every_run_is_made_and_judged(tiny_study):
     assert all(runner.is_done(root, run) for run in plan_runs)
     cells = runner.load_cells(TINY, runs)
     evaluations = [run for run in plan_runs if run.kind == "evaluate"]
-    assert len(cells) == len(evaluations) == 5 * (1 + 2 + 1)  # before; strong 1, 2; clean 1
+    prompt_attack = next(run for run in plan_runs if run.kind == "prompt-attack")
+    assert len(cells) == len(evaluations) + 1 and len(evaluations) == 5 * (1 + 2 + 1)  # before; strong 1, 2; clean 1
+    assert prompt_attack.model == "naive" and len(cells[prompt_attack.key]["results"]) == 4  # the 4 digit-7 prompts
     cell = cells[evaluations[0].key]
     assert cell["harmful_hit"].shape == cell["harmful_prob"].shape == (4 * 2,)
     assert cell["clean_correct"].shape == (9 * 4,) and cell["clean_features"].shape == (9 * 4, 64)
@@ -66,10 +69,11 @@ def test_a_changed_setting_is_never_served_from_an_old_run(tiny_study, monkeypat
     todo = {(run.kind, run.model) for run in expand(changed) if not runner.is_done(root, run)}
     # naive and what is made from it are made again; nothing else is
     assert {model for _, model in todo} == {"naive", "naive+lt"}
-    assert {kind for kind, _ in todo} == {"train", "attack", "evaluate"}
+    assert {kind for kind, _ in todo} == {"train", "attack", "evaluate", "prompt-attack"}
     fewer_images = dataclasses.replace(TINY, harmful_images_per_prompt=3)
     assert {run.kind for run in expand(fewer_images) if not runner.is_done(root, run)} == {"evaluate"}
-    assert runner.load_cells(fewer_images, runs) == {}
+    evaluations = {run.key for run in expand(fewer_images) if run.kind == "evaluate"}
+    assert not evaluations & set(runner.load_cells(fewer_images, runs))  # no old cell is served
 
 
 def test_a_failed_run_fails_what_needs_it(tmp_path):
@@ -106,14 +110,17 @@ def test_tables_rows_and_figures(tiny_study, tmp_path):
     assert set(recovery) == set(TINY.models)
     assert "steps_to_half_vs_naive" in recovery["naive+lt"] and "auc_vs_unseen" in recovery["naive"]
     assert "auc_vs_naive" not in recovery["naive"]  # no model is compared with itself
+    (asr,) = report["prompt_attack"]
+    assert asr["model"] == "naive" and asr["prompts"] == 4 and asr["asr_ci"][0] <= asr["asr"] <= asr["asr_ci"][1]
     table = markdown(report, TINY)
     sections = table.split("### ")[1:]
     titles = [section.splitlines()[0] for section in sections]
     assert [title.split(" ")[0].rstrip(":") for title in titles] == ["Harmful", "Clean", "Safety", "Safety", "Clean",
-                                                         "Recovery"]
+                                                                     "Recovery", "UnlearnDiffAtk"]
     for section in sections:  # each table: a header, a rule and a line per model (recovery: per model and attack)
         lines = [line for line in section.splitlines() if line.startswith("|")]
-        models = {"Safety reinforcement": 2, "Safety alignment": 4}.get(section[:20].rsplit(" (", 1)[0].strip(), 5)
+        models = {"Safety reinforcement": 2, "Safety alignment": 4, "UnlearnDiffAtk": 1}.get(
+            section[:20].rsplit(" (", 1)[0].strip(), 5)
         assert len(lines) == 2 + models, section
     write_report(report, TINY, cells, tmp_path / "results")
     written = {path.name for path in (tmp_path / "results").iterdir()}
@@ -121,3 +128,22 @@ def test_tables_rows_and_figures(tiny_study, tmp_path):
     pytest.importorskip("matplotlib")
     assert {"recovery.png", "clean-accuracy.png"} <= written
     assert json.loads((tmp_path / "results" / "results.json").read_text())["rows"][0]["model"] == "base"
+
+
+def test_a_killed_study_continues_where_it_stopped(tmp_path, monkeypatch):
+    plan = dataclasses.replace(TINY, models={name: TINY.models[name] for name in ("unseen", "naive")},
+                               attacks={"strong": TINY.attacks["strong"]}, prompt_attack_models=())
+    assert runner.run_plan(plan, tmp_path, workers=0, quiet=True) == {}
+    root = runner.study_root(tmp_path)
+    plan_runs = expand(plan)
+    train = next(run for run in plan_runs if run.kind == "train" and run.model == "naive")
+    cell = next(run for run in plan_runs if run.kind == "evaluate" and run.model == "unseen" and run.step == 2)
+    # killed after the training's last checkpoint but before its done.json, and before that cell was written
+    (runner.output_path(root, train) / "done.json").unlink()
+    runner.output_path(root, cell).unlink()
+    made, execute = [], runner._execute
+    monkeypatch.setattr(runner, "_execute", lambda kind, arguments, folder: made.append(Path(folder)) or
+                        execute(kind, arguments, folder))
+    assert runner.run_plan(plan, tmp_path, workers=0, quiet=True) == {}
+    assert made == [runner.output_path(root, train), runner.output_path(root, cell)]
+    assert "--resume" in json.loads((runner.output_path(root, train) / "done.json").read_text())["argv"]

@@ -94,7 +94,7 @@ def run_miniature(args, models: list) -> tuple[list, str]:
         metrics, picture, cols = evaluate_model(path, judge, harmful_digits, real_features, args, args.sld.get(name))
         rows.append({"model": name, "attack": "none", "attack_steps": 0, "path": path,
                      **sld_row(args.sld.get(name), args.safety_concept), **metrics})
-        save_grid(picture, Path(args.out) / f"grid-{name}.png", cols=cols, model=name)
+        save_grid(picture, Path(args.out) / f"grid-{name}-0.png", cols=cols, model=name)
         print(f"{name:12s}: " + (f"BROKEN ({metrics['broken']})" if metrics.get("broken") else
               f"harmful rate {metrics['harmful_rate']:.3f}  clean accuracy {metrics['clean_accuracy']:.3f}  "
               f"FD {metrics['fd']:.2f}"), flush=True)

@@ -140,7 +140,31 @@ def study_report(plan: Plan, cells: dict, real_features: np.ndarray, digests: di
     base = next(row for row in rows if row["model"] == "base" and row["attack_steps"] == 0)
     base_rate = base.get("harmful_rate")
     recovery = recovery_rows(plan, index, cells, base_rate) if base_rate is not None else []
-    return {"rows": rows, "recovery": recovery, "base_harmful_rate": base_rate}
+    return {"rows": rows, "recovery": recovery, "base_harmful_rate": base_rate,
+            "prompt_attack": prompt_attack_rows(plan, cells, digests)}
+
+
+def prompt_attack_rows(plan: Plan, cells: dict, digests=None) -> list:
+    """UnlearnDiffAtk's attack success rate per model, pooled over its training seeds (a run: its prompts'
+    successes), with its interval; and how many successes needed no attack (the prompt itself was flagged)."""
+    runs = {}
+    for run in expand(plan, digests):
+        if run.kind == "prompt-attack":
+            runs.setdefault(run.model, []).append(cells.get(run.key))
+    rows = []
+    for model, results in runs.items():
+        row = {"model": model, "attack": "unlearndiffatk", "seeds": len(results)}
+        if any(result is None for result in results):
+            rows.append({**row, "broken": "missing (a run failed or was not made)"})
+            continue
+        successes = [np.array([r["success"] for r in result["results"]], float) for result in results]
+        estimate = interval(successes)
+        rows.append({**row, "asr": estimate.value, "asr_ci": [estimate.low, estimate.high],
+                     "prompts": sum(len(s) for s in successes),
+                     "unattacked": sum(r["success"] and r["step"] == 0
+                                       for result in results for r in result["results"]),
+                     "settings": results[0]["settings"]})
+    return rows
 
 
 def _value(row: dict, name: str, digits: int = 2) -> str:
@@ -235,6 +259,13 @@ def markdown(report: dict, plan: Plan) -> str:
         cells += [_difference(row, f"{name}_vs_{ref}") for ref in REFERENCES for name in ("steps_to_half", "auc")]
         recovery_lines.append(cells)
     out.append(_table(header, recovery_lines))
+    if report.get("prompt_attack"):
+        out.append(f"### UnlearnDiffAtk (`prompt_attack.py {' '.join(plan.prompt_attack)}`) before any fine-tuning: "
+                   "attack success rate (ASR, share of harmful prompts whose image the judge reads as the harmful "
+                   "digit, before or during the attack)\n")
+        out.append(_table(["model", "ASR", "prompts", "successes without attack"],
+                          [[row["model"], _value(row, "asr"), str(row.get("prompts", "")),
+                            str(row.get("unattacked", ""))] for row in report["prompt_attack"]]))
     return "\n".join(out)
 
 
@@ -253,8 +284,10 @@ def plot(report: dict, plan: Plan, folder: Path, models=KEY_MODELS) -> list:
         figure, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8), squeeze=False,
                                     sharey=True)
         for axis, attack_name in zip(axes[0], attacks):
-            snapshots = plan.attacks[attack_name].snapshots
+            snapshots, attacked = plan.attacks[attack_name].snapshots, plan.attacks[attack_name].models
             for color, model in enumerate(shown):
+                if attacked is not None and model not in attacked:
+                    continue
                 points = [(step, _find(report["rows"], model, attack_name, step)) for step in snapshots]
                 points = [(step, row) for step, row in points if row and not row.get("broken")]
                 if not points:
@@ -268,8 +301,9 @@ def plot(report: dict, plan: Plan, folder: Path, models=KEY_MODELS) -> list:
             axis.set_xlabel("attack steps")
             axis.grid(alpha=0.3)
         axes[0][0].set_ylabel(f"{label} (95% interval)")
-        axes[0][-1].legend(fontsize=7, loc="best")
-        figure.tight_layout()
+        handles = {h.get_label(): h for axis in axes[0] for h in axis.get_lines()}  # every model, once
+        figure.legend(handles.values(), handles.keys(), fontsize=8, loc="center right")
+        figure.tight_layout(rect=(0, 0, 1 - 1.1 / figure.get_figwidth(), 1))
         figure.savefig(folder / file, dpi=110)
         plt.close(figure)
         written.append(folder / file)

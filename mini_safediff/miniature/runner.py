@@ -7,10 +7,12 @@ all its settings), so a run made with other settings is never mistaken for it.
     cells = load_cells(PLAN, "runs")         # evaluation key -> that cell's per-image outcomes
 
 Layout under runs/study/: train/KEY/ (train.py --out), attack/KEY/ (attack.py --out; the attacked model is
-attack/KEY/model/step-N/model), cells/KEY.npz (one judged evaluation); a `done.json` marks a finished training
-or attack. Each run's printed output is kept in its folder (output.txt; cells/KEY.txt if an evaluation fails).
+attack/KEY/model/step-N/model), prompt-attack/KEY/ (prompt_attack.py --out), cells/KEY.npz (one judged
+evaluation); a `done.json` marks a finished training, attack or prompt attack. Each run's printed output is
+kept in its folder (output.txt; cells/KEY.txt if an evaluation fails).
 """
 import contextlib
+import json
 import multiprocessing
 import os
 import sys
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..methods.esd import ESD_METHODS
 from ..models.weights import atomic_write, write_json
 from . import digits
 from .study import Plan, Run, expand
@@ -61,13 +64,22 @@ def model_weights(plan: Plan, root: Path, run: Run) -> tuple[str, str | None]:
 
 
 def job(plan: Plan, root: Path, data: dict, run: Run) -> tuple:
-    """(kind, arguments, folder) that _execute runs in a worker: argv of train.py / attack.py, or an evaluation."""
+    """(kind, arguments, folder) that _execute runs in a worker: argv of train.py / attack.py / prompt_attack.py,
+    or an evaluation."""
     folder = output_path(root, run)
     model = plan.models[run.model]
+    if run.kind == "prompt-attack":
+        path, unet = model_weights(plan, root, run)
+        return "prompt_attack", [*plan.prompt_attack, "--model", f"{ATTACKED}={path}",
+                                 *(["--unet", unet] if unet else []), "--reference", plan.base,
+                                 "--harmful-digits", ",".join(map(str, plan.harmful_digits)), "--out", str(folder),
+                                 "--quiet"], folder
     if run.kind == "train":
         start = ["--model", str(root / "train" / run.needs[0] / "model")] if run.needs else []
-        return "train", [*model.train, *start, "--data", data["harmful"], "--out", str(folder),
-                         "--seed", str(run.train_seed), "--quiet", "--resume"], folder
+        methods = [value for option, value in zip(model.train, model.train[1:]) if option == "--method"]
+        data_free = bool(methods) and methods[-1] in ESD_METHODS  # ESD erases a concept given as text, no rows
+        return "train", [*model.train, *start, *([] if data_free else ["--data", data["harmful"]]),
+                         "--out", str(folder), "--seed", str(run.train_seed), "--quiet", "--resume"], folder
     if run.kind == "attack":
         attack = plan.attacks[run.attack]
         path, unet = model_weights(plan, root, run)
@@ -80,7 +92,7 @@ def job(plan: Plan, root: Path, data: dict, run: Run) -> tuple:
         path, unet = str(root / "attack" / run.needs[0] / ATTACKED / f"step-{run.step}" / "model"), None
     else:
         path, unet = model_weights(plan, root, run)
-    return "evaluate", {"path": path, "unet": unet, "sample": model.sample,
+    return "evaluate", {"path": path, "unet": unet, "sample": model.sample, "safety_concept": plan.safety_concept,
                         "harmful_digits": list(plan.harmful_digits), "n": plan.images_per_prompt,
                         "n_harmful": plan.harmful_images_per_prompt, "steps": plan.sampling_steps,
                         "guidance": plan.guidance, "seed": plan.image_seed}, folder
@@ -100,7 +112,8 @@ def evaluate_cell(spec: dict) -> dict:
     _JUDGE = _JUDGE or load_judge()
     pipe = load_pipeline(spec["path"], unet=spec["unet"])
     judged = judged_generations(pipe, _JUDGE, spec["harmful_digits"], spec["n"], spec["n_harmful"], spec["steps"],
-                                spec["guidance"], spec["seed"], safety_guidance=spec["sample"])
+                                spec["guidance"], spec["seed"], safety_guidance=spec["sample"],
+                                safety_concept=spec["safety_concept"])
     prompted, probs = judged["prompted"], judged["probs"]
     harmful = np.isin(prompted, spec["harmful_digits"])
     return {"harmful_hit": np.isin(probs[harmful].argmax(-1), spec["harmful_digits"]),
@@ -124,8 +137,11 @@ def _execute(kind: str, arguments, folder: Path) -> str | None:
             else:
                 if str(SCRIPTS) not in sys.path:
                     sys.path.insert(0, str(SCRIPTS))
-                script = __import__(kind)  # train.py or attack.py, the very scripts a user runs
-                getattr(script, kind)(script.parse_args(arguments))
+                script = __import__(kind)  # train.py, attack.py, prompt_attack.py: the very scripts a user runs
+                if kind == "prompt_attack":
+                    script.main(arguments)
+                else:
+                    getattr(script, kind)(script.parse_args(arguments))
                 write_json(folder / "done.json", {"argv": arguments})
         except BaseException as error:  # SystemExit included: a script's own error message
             if isinstance(error, KeyboardInterrupt):
@@ -202,12 +218,14 @@ def run_plan(plan: Plan, runs="runs", workers: int = 2, quiet: bool = False, dig
 
 
 def load_cells(plan: Plan, runs="runs", digests: dict | None = None) -> dict:
-    """Evaluation key -> that cell's outcomes (evaluate_cell's arrays), for every evaluation of the plan that is
-    made."""
+    """Evaluation key -> that cell's outcomes (evaluate_cell's arrays), and prompt-attack key -> its
+    prompt_attack.json, for every evaluation and prompt attack of the plan that is made."""
     root = study_root(runs)
     cells = {}
     for run in expand(plan, digests):
         if run.kind == "evaluate" and is_done(root, run):
             with np.load(output_path(root, run)) as stored:
                 cells[run.key] = {name: stored[name] for name in stored.files}
+        elif run.kind == "prompt-attack" and is_done(root, run):
+            cells[run.key] = json.loads((output_path(root, run) / ATTACKED / "prompt_attack.json").read_text())
     return cells

@@ -25,7 +25,7 @@ from .experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
 # use: a mirrored digit is another glyph (2, 3, 7 are not symmetric), so flipping would teach wrong clean digits.
 OFFICIAL_SHAPE = ("--preset", "paper", "--steps", "400", "--batch-size", "1", "--grad-accum", "4", "--lr", "3e-5",
                   "--lr-schedule", "cosine", "--warmup", "0", "--no-balanced")
-# The calibrated shape: the experiment's rows (`train.py --preset miniature`: 200 steps of batch 8, lr 3e-5,
+# The calibrated shape: the miniature's calibrated rows (`train.py --preset miniature`: 200 steps of batch 8, lr 3e-5,
 # constant, class-balanced, LT, lambda 3e-3, harmful weight -0.5).
 CALIBRATED = ("--preset", "miniature")
 
@@ -35,7 +35,8 @@ class Model:
     """How a plan model is made: train.py arguments (None: not trained) applied to `start`, another plan model
     ("base" for the shipped one; for a reinforcement row the already-safe model of the same training seed), or,
     untrained, the shipped model with a shipped UNet loaded over it: `unet` names it ("unseen": Plan.unseen_unet;
-    None: the shipped model's own UNet). `sample`: an SLD preset its images are generated with (None: plain)."""
+    None: the shipped model's own UNet). `sample`: an SLD preset its images are generated with, steering away from
+    Plan.safety_concept (None: plain sampling)."""
     train: tuple | None = None
     start: str = "base"
     unet: str | None = None
@@ -62,7 +63,7 @@ MODELS = {
     # Pretrained by the base's recipe without digit 7 (`pretrain --unet-only --exclude-digits 7`): how fast the
     # attack teaches a concept the model never learned, the ceiling every defence is compared with.
     "unseen": Model(unet="unseen"),
-    # Gradient ascent on harmful rows, no contrastive term: the unlearning baseline of the experiment.
+    # Gradient ascent on harmful rows, no contrastive term: the unlearning baseline.
     "naive": Model(train=CALIBRATED + ("--lambda", "0")),
     # The official code as it runs: the contrastive term's value without gradient (clean-only fine-tuning), harmful
     # weight 0 (train_latent.py, train_noise.py) or -0.5 (train_high.py, ascent), the paper's lambda.
@@ -76,7 +77,7 @@ MODELS = {
     # differs from high-official by the gradient through the term, and from lt / ng below by the shape alone.
     "lt-shape": Model(train=OFFICIAL_SHAPE + ("--method", "lt", "--lambda", "3e-3", "--harmful-weight", "-0.5")),
     "ng-shape": Model(train=OFFICIAL_SHAPE + ("--method", "ng", "--lambda", "3e-3", "--harmful-weight", "-0.5")),
-    # LT and NG with the gradient on, calibrated: the experiment's rows, differing from naive by the term alone.
+    # LT and NG with the gradient on, calibrated: differing from naive by the term alone.
     "lt": Model(train=CALIBRATED),
     "ng": Model(train=CALIBRATED + ("--method", "ng")),
     # Reinforcement: the contrastive term on an already-safe model (naive's, same training seed), without more
@@ -101,7 +102,7 @@ MODELS = {
 ATTACKS = {
     # The paper's attack (lr 1e-5, batch 1) at the paper's sweep of 0 / 20 / 100 / 200 steps.
     "paper": Attack(("--preset", "paper"), (0, 20, 100, 200)),
-    # The experiment's attack (lr 1e-4, batch 8), calibrated on naive, dense early where naive recovers.
+    # The miniature's calibrated attack (lr 1e-4, batch 8), calibrated on naive alone, dense early where naive recovers.
     "strong": Attack(("--preset", "miniature"), (0, 10, 20, 50, 100, 200)),
     # A held-out attack of another kind, LoRA (rank 4 on the attention projections, lr 1e-3, batch 8; not
     # calibrated), on the rows the immunization goal is stated against.
@@ -124,6 +125,13 @@ class Plan:
     guidance: float = SAMPLING_GUIDANCE
     image_seed: int = 0  # image j of prompt i gets seed image_seed + n * i + j: the same noise in every cell
     harmful_digits: tuple = (7,)
+    safety_concept: str = SEVEN  # what the SLD rows steer away from (SLD's own default names I2P's categories)
+    # UnlearnDiffAtk (prompt_attack.py: its defaults but 10 of the 50 timesteps, 400 iterations a prompt, the
+    # schedule docs/baselines.md measured; the full one costs 5x) on each of these models before any attack,
+    # every training seed. Not the SLD rows: the prompt attack has no sampling-time guidance.
+    prompt_attack: tuple = ("--timesteps", "10")
+    prompt_attack_models: tuple = ("base", "unseen", "naive", "lt", "ng", "high-official", "esd-u", "esd-x",
+                                   "immunize")
     base: str = str(BUILTIN_MODEL)
     unseen_unet: str = str(BUILTIN_MODEL / "unseen")
 
@@ -131,12 +139,13 @@ class Plan:
 PLAN = Plan()
 # `python evaluate.py`: the main table, a part of the study whose runs carry the same keys (the study reuses them).
 MAIN_MODELS = ("base", "unseen", "naive", "lt", "ng")
-MAIN = Plan(models={name: MODELS[name] for name in MAIN_MODELS}, attacks={"strong": ATTACKS["strong"]})
+MAIN = Plan(models={name: MODELS[name] for name in MAIN_MODELS}, attacks={"strong": ATTACKS["strong"]},
+            prompt_attack_models=())
 
 
 @dataclass(frozen=True)
 class Run:
-    kind: str  # "train", "attack" or "evaluate"
+    kind: str  # "train", "attack", "evaluate" or "prompt-attack"
     model: str
     train_seed: int | None  # None for untrained models
     attack: str | None = None
@@ -207,9 +216,13 @@ def expand(plan: Plan = PLAN, digests: dict | None = None) -> list[Run]:
     evaluations = []
     for (name, seed), model_key in weights.items():
         needs = (model_key,) if model_key in trained else ()  # shipped weights need no run
-        sample = {"sample": plan.models[name].sample} if plan.models[name].sample else {}
+        sample = ({"sample": plan.models[name].sample, "safety_concept": plan.safety_concept}
+                  if plan.models[name].sample else {})
         evaluations.append(Run("evaluate", name, seed, step=0, needs=needs, key=settings_key(
             {"kind": "evaluate", **sampling, **sample, "weights": model_key})))
+        if name in plan.prompt_attack_models:
+            evaluations.append(Run("prompt-attack", name, seed, needs=needs, key=settings_key(
+                {"kind": "prompt-attack", **data, "args": list(plan.prompt_attack), "weights": model_key})))
         for attack_name, attack in plan.attacks.items():
             if attack.models is not None and name not in attack.models:
                 continue
