@@ -92,7 +92,8 @@ def run_study(args):
 
 def make_parser():
     p = cli.make_parser(__doc__)
-    cli.add_model_options(p, several=True, model_default_help="none: run the miniature study's main table (or --study: all of it)")
+    cli.add_model_options(p, several=True,
+                          model_default_help="none: run the miniature study's main table (or --study: all of it)")
     p.add_argument("--safety-guidance", action="append", metavar="NAME=SETTING", type=named_safety_guidance,
                    help="sample the --model row NAME with Safe Latent Diffusion, repeatable; SETTING: "
                         + cli.SAFETY_GUIDANCE_HELP + " (default: no row uses it)")
