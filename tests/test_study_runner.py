@@ -147,3 +147,14 @@ def test_a_killed_study_continues_where_it_stopped(tmp_path, monkeypatch):
     assert runner.run_plan(plan, tmp_path, workers=0, quiet=True) == {}
     assert made == [runner.output_path(root, train), runner.output_path(root, cell)]
     assert "--resume" in json.loads((runner.output_path(root, train) / "done.json").read_text())["argv"]
+
+
+def test_worker_processes_make_the_same_cells_as_this_process(tiny_study, tmp_path):
+    runs, _ = tiny_study
+    plan = dataclasses.replace(TINY, models={"base": TINY.models["base"]}, attacks={"strong": TINY.attacks["strong"]},
+                               prompt_attack_models=())
+    assert runner.run_plan(plan, tmp_path, workers=1, quiet=True) == {}  # one spawned worker process
+    pooled, here = runner.load_cells(plan, tmp_path), runner.load_cells(plan, runs)  # keys shared with TINY's
+    assert pooled.keys() == here.keys() and len(pooled) == 3  # before, after 1 and 2 attack steps
+    for key in pooled:
+        assert np.array_equal(pooled[key]["images"], here[key]["images"])

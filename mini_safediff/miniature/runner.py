@@ -162,6 +162,11 @@ def _save_npz(path, arrays: dict):
         np.savez_compressed(file, **arrays)
 
 
+def _say_failed(run: Run, why: str):
+    tqdm.write(f"{run.kind} {run.model} (training seed {run.train_seed}, attack {run.attack} seed {run.attack_seed}, "
+               f"step {run.step}) failed: {why}")
+
+
 def _init_worker(threads: int):
     torch.set_num_threads(threads)
 
@@ -180,10 +185,13 @@ def run_plan(plan: Plan, runs="runs", workers: int = 2, quiet: bool = False, dig
     if workers == 0:
         for run in todo:
             blocked = [key for key in run.needs if key in failed]
-            failed_now = (f"needs a run that failed ({blocked[0]})" if blocked
-                          else _execute(*job(plan, root, data, run)))
-            if failed_now:
-                failed[run.key] = failed_now
+            if blocked:
+                failed[run.key] = f"needs a run that failed ({blocked[0]})"
+            else:
+                why = _execute(*job(plan, root, data, run))
+                if why:
+                    failed[run.key] = why
+                    _say_failed(run, why)
             bar.update(1)
         bar.close()
         return failed
@@ -208,8 +216,7 @@ def run_plan(plan: Plan, runs="runs", workers: int = 2, quiet: bool = False, dig
                 why = future.result()
                 if why:
                     failed[run.key] = why
-                    tqdm.write(f"{run.kind} {run.model} (seed {run.train_seed}, {run.attack} {run.attack_seed}, "
-                               f"step {run.step}) failed: {why}")
+                    _say_failed(run, why)
                 else:
                     done.add(run.key)
                 bar.update(1)
