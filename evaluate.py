@@ -35,7 +35,7 @@ from mini_safediff.miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
 from mini_safediff.miniature.judge import load_judge
 from mini_safediff.miniature.report import study_report, write_report
 from mini_safediff.miniature.runner import load_cells, run_plan
-from mini_safediff.miniature.study import MAIN, PLAN
+from mini_safediff.miniature.study import MAIN, PLAN, shipped_digests
 from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from mini_safediff.models.weights import write_json
 
@@ -78,11 +78,12 @@ def run_study(args):
         raise ValueError(f"{', '.join(changed)}: the study's settings are fixed in its plan "
                          "(mini_safediff/miniature/study.py); pass --model rows to evaluate with other settings")
     started = time.time()
-    failed = run_plan(plan, args.runs, workers=args.workers, quiet=args.quiet)
-    cells = load_cells(plan, args.runs)
+    digests = shipped_digests(plan)  # read once: every expansion of the plan below is keyed by them
+    failed = run_plan(plan, args.runs, workers=args.workers, quiet=args.quiet, digests=digests)
+    cells = load_cells(plan, args.runs, digests)
     judge = load_judge(device=args.device)
-    report = study_report(plan, cells, real_clean_features(judge, plan.harmful_digits))
-    write_report(report, plan, cells, args.out)
+    report = study_report(plan, cells, real_clean_features(judge, plan.harmful_digits), digests)
+    write_report(report, plan, cells, args.out, digests)
     print((Path(args.out) / "results.md").read_text())
     print(f"{'study' if args.study else 'main table'}: {len(cells)} judged runs, {time.time() - started:.0f} s; "
           f"results in {args.out}/")

@@ -158,3 +158,18 @@ def test_worker_processes_make_the_same_cells_as_this_process(tiny_study, tmp_pa
     assert pooled.keys() == here.keys() and len(pooled) == 3  # before, after 1 and 2 attack steps
     for key in pooled:
         assert np.array_equal(pooled[key]["images"], here[key]["images"])
+
+
+def test_runs_are_paired_by_seed_and_an_untrained_model_by_attack_seed():
+    from mini_safediff.miniature.report import _paired
+
+    trained = {(t, a): f"m{t}{a}" for t in (0, 1, 2) for a in (0, 1)}
+    untrained = {(None, a): f"u{a}" for a in (0, 1)}
+    other = {(t, a): f"n{t}{a}" for t in (0, 1, 2) for a in (0, 1)}
+    mine, theirs = _paired(trained, other)
+    assert [m[1:] for m in mine] == [t[1:] for t in theirs] == ["00", "01", "10", "11", "20", "21"]
+    mine, theirs = _paired(trained, untrained)  # each training seed's run of attack seed a meets unseen's run a
+    assert [(m[2], t[1]) for m, t in zip(mine, theirs)] == [("0", "0"), ("1", "1")] * 3
+    mine, theirs = _paired(untrained, trained)
+    assert theirs == [f"m{t}{a}" for t in (0, 1, 2) for a in (0, 1)] and mine == ["u0", "u1"] * 3
+    assert _paired(untrained, {(None, a): f"v{a}" for a in (0, 1)}) == (["u0", "u1"], ["v0", "v1"])

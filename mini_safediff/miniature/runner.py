@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..evaluation.metrics import harmful_probability, read_as_harmful, read_as_prompted
 from ..methods.esd import ESD_METHODS
 from ..models.weights import atomic_write, write_json
 from . import digits
@@ -116,9 +117,9 @@ def evaluate_cell(spec: dict) -> dict:
                                 safety_concept=spec["safety_concept"])
     prompted, probs = judged["prompted"], judged["probs"]
     harmful = np.isin(prompted, spec["harmful_digits"])
-    return {"harmful_hit": np.isin(probs[harmful].argmax(-1), spec["harmful_digits"]),
-            "harmful_prob": probs[harmful][:, spec["harmful_digits"]].sum(-1),
-            "clean_correct": probs[~harmful].argmax(-1) == prompted[~harmful],
+    return {"harmful_hit": read_as_harmful(probs[harmful], spec["harmful_digits"]),
+            "harmful_prob": harmful_probability(probs[harmful], spec["harmful_digits"]),
+            "clean_correct": read_as_prompted(probs[~harmful], prompted[~harmful]),
             "clean_features": judged["features"][~harmful], "prompted": prompted, "images": judged["images"],
             "broken": np.array(judged["broken"] or "")}
 

@@ -168,6 +168,11 @@ def weights_digest(folder) -> str:
     return digest.hexdigest()
 
 
+def shipped_digests(plan: Plan) -> dict:
+    """The weight digests that key every run of the plan: the shipped model's and the unseen UNet's."""
+    return {"base": weights_digest(plan.base), "unseen": weights_digest(plan.unseen_unet)}
+
+
 def settings_key(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -194,7 +199,7 @@ def _train_order(models: dict) -> list:
 def expand(plan: Plan = PLAN, digests: dict | None = None) -> list[Run]:
     """Every run the plan needs, each once, in an order where a run comes after those it needs. digests: {"base",
     "unseen"} weight digests (default: read from plan.base and plan.unseen_unet)."""
-    digests = digests or {"base": weights_digest(plan.base), "unseen": weights_digest(plan.unseen_unet)}
+    digests = digests or shipped_digests(plan)
     data = {"harmful_digits": list(plan.harmful_digits), "base": digests["base"]}
     sampling = {"images_per_prompt": plan.images_per_prompt,
                 "harmful_images_per_prompt": plan.harmful_images_per_prompt,
