@@ -21,10 +21,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from mini_safediff import cli, distributed
-from mini_safediff.miniature.experiment import MINIATURE_ATTACK
+from mini_safediff.io import write_json
+from mini_safediff.miniature.settings import MINIATURE_ATTACK
 from mini_safediff.models.loading import load_pipeline
 from mini_safediff.models.pipeline import BUILTIN_MODEL
-from mini_safediff.models.weights import save_state_dict, write_json
+from mini_safediff.models.weights import save_state_dict
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
 from mini_safediff.training.data import SafetyDataset, load_batch
 from mini_safediff.training.guard import StopRequest, all_finite, divergence, last_good

@@ -31,13 +31,14 @@ from pathlib import Path
 from mini_safediff import cli
 from mini_safediff.evaluation.metrics import markdown_table
 from mini_safediff.evaluation.real import REAL_COLUMNS, REAL_JUDGES, real_note, run_real
-from mini_safediff.miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS, real_clean_features, run_miniature
+from mini_safediff.io import write_json
+from mini_safediff.miniature.experiment import real_clean_features, run_miniature
 from mini_safediff.miniature.judge import load_judge
 from mini_safediff.miniature.report import study_report, write_report
 from mini_safediff.miniature.runner import load_cells, run_plan
+from mini_safediff.miniature.settings import SAMPLING_GUIDANCE, SAMPLING_STEPS
 from mini_safediff.miniature.study import MAIN, PLAN, shipped_digests
 from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from mini_safediff.models.weights import write_json
 
 
 def named_safety_guidance(value: str) -> tuple:

@@ -25,12 +25,12 @@ import torch
 
 from mini_safediff import cli
 from mini_safediff.evaluation.prompts import Prompt, read_prompts
+from mini_safediff.io import write_json
 from mini_safediff.methods.unlearndiffatk import AttackSettings, unlearn_diff_attack
 from mini_safediff.miniature import digits
-from mini_safediff.miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
+from mini_safediff.miniature.settings import SAMPLING_GUIDANCE, SAMPLING_STEPS
 from mini_safediff.models.loading import load_pipeline
 from mini_safediff.models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS
-from mini_safediff.models.weights import write_json
 
 DEFAULTS = AttackSettings()
 

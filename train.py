@@ -40,7 +40,7 @@ from mini_safediff.methods.contrastive import ContrastiveCentres, SafetyLossConf
 from mini_safediff.methods.esd import ESD_METHODS, esd_batch, esd_loss, select_parameters
 from mini_safediff.methods.immunize import (INNER_GRADS, INNER_OPTIMIZERS, ImmunizeConfig, draw_attack,
                                             immunize_loss, inner_batches)
-from mini_safediff.miniature.experiment import MINIATURE_TRAIN
+from mini_safediff.miniature.settings import MINIATURE_TRAIN
 from mini_safediff.models.loading import load_pipeline
 from mini_safediff.models.pipeline import BUILTIN_MODEL
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log

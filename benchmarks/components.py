@@ -49,7 +49,7 @@ from mini_safediff.models.schedule import NoiseSchedule, SchedulerConfig  # noqa
 from mini_safediff.models.tokenizer import CLIPTokenizer  # noqa: E402
 from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
 from mini_safediff.models.vae import AutoencoderKL, VAEConfig  # noqa: E402
-from mini_safediff.models.weights import atomic_write  # noqa: E402
+from mini_safediff.io import atomic_write  # noqa: E402
 
 from sd_configs import SD15_TEXT, SD15_UNET, SD_VAE  # noqa: E402
 

@@ -47,7 +47,7 @@ from mini_safediff.models.config import config_from_dict  # noqa: E402
 from mini_safediff.models.loading import load_pipeline  # noqa: E402
 from mini_safediff.models.pipeline import BUILTIN_MODEL, start_noise  # noqa: E402
 from mini_safediff.models.unet import UNet2DConditionModel, UNetConfig  # noqa: E402
-from mini_safediff.models.weights import atomic_write  # noqa: E402
+from mini_safediff.io import atomic_write  # noqa: E402
 
 from sd_configs import SD15_UNET  # noqa: E402
 

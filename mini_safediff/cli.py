@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .methods.sld import SLD_PRESETS, sld_config
-from .miniature.experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
+from .miniature.settings import SAMPLING_GUIDANCE, SAMPLING_STEPS
 from .models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .models.weights import PICKLE_SUFFIXES
 

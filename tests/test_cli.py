@@ -11,7 +11,7 @@ from PIL import Image
 
 from mini_safediff import cli, sample
 from mini_safediff.images import read_png_text, save_grid, save_png
-from mini_safediff.miniature.experiment import MINIATURE_ATTACK, MINIATURE_TRAIN, SAMPLING_GUIDANCE, SAMPLING_STEPS
+from mini_safediff.miniature.settings import MINIATURE_ATTACK, MINIATURE_TRAIN, SAMPLING_GUIDANCE, SAMPLING_STEPS
 from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

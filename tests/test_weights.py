@@ -5,7 +5,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from mini_safediff.models.weights import WeightsError, atomic_write, load_strict, read_state_dict, save_state_dict
+from mini_safediff.io import atomic_write
+from mini_safediff.models.weights import WeightsError, load_strict, read_state_dict, save_state_dict
 
 
 class Tiny(torch.nn.Module):

@@ -1,5 +1,5 @@
-"""The miniature's settings, and the judging of a model's generations with the digit classifier: for the
-`python evaluate.py --model ...` rows here, and for every cell of the study (study.py, runner.py).
+"""The judging of a model's generations with the digit classifier: for the `python evaluate.py --model ...` rows
+here, and for every cell of the study (study.py, runner.py).
 
 Metrics per row: harmful rate (share of harmful-prompt images the judge reads as a harmful digit: the paper's IP),
 harmful score (mean judge probability of the harmful digits: the NSFW-score analogue), clean accuracy (share of
@@ -18,17 +18,6 @@ from ..methods.sld import sld_row
 from ..models.loading import load_pipeline
 from . import digits
 from .judge import load_judge
-
-# The miniature's calibrated safety training (`train.py --preset miniature`: the study's lt row; docs/miniature.md
-# says how it was chosen) and attack (`attack.py --preset miniature`: the study's strong attack, calibrated on
-# the naive baseline alone).
-MINIATURE_TRAIN = {"steps": 200, "lr": 3e-5, "batch_size": 8, "balanced": True, "method": "lt", "lam": 3e-3,
-                   "harmful_weight": -0.5}
-MINIATURE_ATTACK = {"lr": 1e-4, "batch_size": 8, "steps": 100}
-# Sampling of every row (evaluate.py's defaults with the digit judge), whatever its defaults for real models are.
-SAMPLING_STEPS = 20
-SAMPLING_GUIDANCE = 5.0
-
 
 def judged_generations(pipe, judge, harmful_digits, n: int, n_harmful: int, steps: int, guidance: float, seed: int,
                        safety_guidance=None, safety_concept=None) -> dict:

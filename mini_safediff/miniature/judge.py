@@ -19,8 +19,9 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import write_json
 from ..models.pipeline import BUILTIN_MODEL
-from ..models.weights import save_state_dict, write_json
+from ..models.weights import save_state_dict
 
 JUDGE_FILE, JUDGE_INFO = "judge.safetensors", "judge.json"
 

@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..images import grid, save_png
+from ..io import atomic_folder, write_json
 from ..models import cpu_speedups
 from ..models.clip import CLIPTextConfig, CLIPTextModel
 from ..models.config import config_to_dict
@@ -47,7 +48,7 @@ from ..models.schedule import NoiseSchedule, SchedulerConfig
 from ..models.tokenizer import CLIPTokenizer
 from ..models.unet import UNet2DConditionModel, UNetConfig
 from ..models.vae import AutoencoderKL, VAEConfig
-from ..models.weights import atomic_folder, save_state_dict, write_json
+from ..models.weights import save_state_dict
 from ..training.optim import EMA, lr_at
 from ..training.steps import draw_noise_and_timesteps
 from . import digits

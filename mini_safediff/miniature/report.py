@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..evaluation.metrics import frechet_distance
-from ..models.weights import atomic_write, write_json
+from ..io import atomic_write, write_json
 from .statistics import (Estimate, auc_statistic, centred_interval, interval, paired_difference, per_resample,
                          recovery_statistic)
 from .study import Plan, expand

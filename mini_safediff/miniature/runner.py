@@ -25,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..evaluation.metrics import harmful_probability, read_as_harmful, read_as_prompted
+from ..io import atomic_write, write_json
 from ..methods.esd import ESD_METHODS
-from ..models.weights import atomic_write, write_json
 from . import digits
 from .study import Plan, Run, expand
 

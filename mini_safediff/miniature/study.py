@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..models.pipeline import BUILTIN_MODEL
-from .experiment import SAMPLING_GUIDANCE, SAMPLING_STEPS
+from .settings import SAMPLING_GUIDANCE, SAMPLING_STEPS
 
 # The official recipe's shape (docs/method.md): batch 1 with gradient accumulation 4, a cosine schedule without
 # warm-up, rows in their natural shuffled order (not class-balanced); the official runs take 2,000 optimizer steps,

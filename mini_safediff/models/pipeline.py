@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..io import atomic_folder, write_json
 from ..methods.sld import DEFAULT_SAFETY_CONCEPT, SafeLatentGuidance, sld_config
 from . import ldm, samplers
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
@@ -21,7 +22,7 @@ from .schedule import NoiseSchedule
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel
 from .vae import AutoencoderKL
-from .weights import atomic_folder, save_state_dict, write_json
+from .weights import save_state_dict
 
 # The built-in tiny model (diffusers layout) that every script uses when no --model is given.
 BUILTIN_MODEL = Path(__file__).resolve().parents[2] / "weights"

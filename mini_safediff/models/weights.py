@@ -1,20 +1,18 @@
 """Weight files: read (safetensors first, pickles only through torch's safe loader), strict
-loading that names every problem, and atomic writes.
+loading that names every problem, and saving (written atomically: mini_safediff/io.py).
 
 A model is either fully loaded or not touched: every key and shape is checked before the
 first tensor is copied in.
 """
 import json
-import os
 import pickle
-import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ..io import atomic_write
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -149,58 +147,6 @@ def build_model(model_class, config, state_dict: dict, source: str, dtype=None) 
     return model.to(dtype).eval().requires_grad_(False)
 
 
-def atomic_write(path, write) -> None:
-    """Call `write(tmp_path)`, then rename over `path`: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; these are ordinary outputs
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_folder(path, marker: str):
-    """Yields a fresh hidden sibling folder to write a whole folder into; on success its entries replace those of
-    the same name in `path`, `marker` (e.g. model_index.json) last and after the old marker was removed first.
-    Files of other names in `path` are kept. A crash or full disk while writing leaves `path` as it was; a crash
-    while moving leaves it without `marker`, which says "unfinished"."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        yield tmp
-        path.mkdir(exist_ok=True)
-        (path / marker).unlink(missing_ok=True)
-        for entry in sorted(tmp.iterdir(), key=lambda entry: entry.name == marker):
-            target = path / entry.name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(entry, target)
-        tmp.rmdir()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def remove_leftovers(folder) -> list[Path]:
-    """Delete what interrupted atomic writes left in `folder` (hidden `.NAME.*.tmp` files and folders, which can be
-    checkpoint-sized); returns them."""
-    leftovers = sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []
-    for leftover in leftovers:
-        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    return leftovers
-
-
 def save_state_dict(state_dict: dict, path, metadata: dict | None = None) -> None:
     tensors = {key: value.detach().contiguous().cpu() for key, value in state_dict.items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-
-
-def write_json(path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))

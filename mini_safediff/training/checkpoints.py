@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.weights import atomic_write, remove_leftovers
+from ..io import atomic_write, remove_leftovers
 
 
 def save_checkpoint(checkpoint: dict, path) -> None:
