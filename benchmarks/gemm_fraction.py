@@ -129,7 +129,7 @@ def phases(pipe, judge, prompts: list[str], steps: int, repeats: int) -> dict[st
     with torch.no_grad():
         for repeat in range(repeats + 1):  # the first round warms up
             clock = [time.perf_counter()]
-            model_fn = pipe._guided_model(prompts, [""] * len(prompts), GUIDANCE, side, side)
+            model_fn = pipe.guided_model(prompts, [""] * len(prompts), GUIDANCE, side, side)
             clock.append(time.perf_counter())
             final = samplers.ddim(model_fn, latents, pipe.schedule, steps, generator=torch.Generator().manual_seed(0),
                                   progress=False)

@@ -14,7 +14,7 @@ import torch
 
 from . import cli
 from .images import save_grid, save_png
-from .methods.sld import DEFAULT_SAFETY_CONCEPT
+from .methods.sld import DEFAULT_SAFETY_CONCEPT, sld_hook
 from .models.loading import load_pipeline
 from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
 
@@ -60,7 +60,7 @@ def main(argv=None):
     images = pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
                            seed=args.seed, height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
                            batch_size=args.batch_size, progress=not args.quiet,
-                           safety_guidance=args.safety_guidance, safety_concept=args.safety_concept)
+                           guidance_hook=sld_hook(args.safety_guidance, args.safety_concept))
     out = Path(args.out)
     safety = ({"safety_guidance": json.dumps(args.safety_guidance),
                "safety_concept": args.safety_concept or DEFAULT_SAFETY_CONCEPT} if args.safety_guidance else {})

@@ -40,7 +40,7 @@ import attack, train
 runs = json.loads(sys.argv[1])
 train.train(train.parse_args(runs["train"]))
 train.train(train.parse_args(runs["resume"]))
-attack.attack(attack.parse_args(runs["attack"]))
+attack.finetune(attack.parse_args(runs["attack"]))
 torch.distributed.destroy_process_group()
 """
 
@@ -133,15 +133,15 @@ def test_train_with_two_processes_matches_one_and_resumes(model, two_processes, 
     start = msd.load_pipeline(model, device="cpu").unet.state_dict()
     one, two = assert_same_training(tmp_path, two_processes / "train", start, [
         "loss", "mse", "contrastive", "d_own", "d_other", "centre_distance", "grad_norm"])
-    assert torch.equal(one["centres"]["count"], two["centres"]["count"])  # every row of every batch counted once
-    centres_one, centres_two = one["centres"]["mean"], two["centres"]["mean"]
+    assert torch.equal(one["method"]["count"], two["method"]["count"])  # every row of every batch counted once
+    centres_one, centres_two = one["method"]["mean"], two["method"]["mean"]
     assert (centres_one - centres_two).abs().max() <= 1e-5 * centres_one.abs().max()
     saved = msd.load_pipeline(two_processes / "train" / "model", device="cpu").unet.state_dict()
     assert all(torch.equal(saved[k], two["unet"][k]) for k in saved)  # rank 0 wrote the final model
 
 
 def test_attack_with_two_processes_matches_one(model, two_processes, tmp_path):
-    attack.attack(attack.parse_args(attack_args(model, two_processes / "harmful", "--out", tmp_path)))
+    attack.finetune(attack.parse_args(attack_args(model, two_processes / "harmful", "--out", tmp_path)))
     start = msd.load_pipeline(model, device="cpu").unet.state_dict()
     _, two = assert_same_training(tmp_path / "ours", two_processes / "attack" / "ours", start, ["loss", "grad_norm"])
     assert {state[k].dtype for state in two["optimizer"]["state"].values() for k in ("exp_avg", "exp_avg_sq")} == \

@@ -60,7 +60,7 @@ def test_x_t_is_partial_ddim_sampling_of_the_concept_and_t_lies_in_k_s_interval(
     t_draw = torch.randint(20 * k, 20 * (k + 1), (1,), generator=generator)
     torch.randint(0, 1, (1,), generator=generator)
     noise = torch.randn((1, 4, 8, 8), generator=generator)
-    expected = samplers.ddim(pipe._guided_model([CONCEPT], [""], 3.0, 16, 16), noise, pipe.schedule, DDIM_STEPS,
+    expected = samplers.ddim(pipe.guided_model([CONCEPT], [""], 3.0, 16, 16), noise, pipe.schedule, DDIM_STEPS,
                              progress=False, stop_after=calls[0])
     assert t.item() == t_draw.item() and torch.equal(x_t, expected)
 
@@ -101,5 +101,5 @@ def test_esd_preset_is_the_papers_and_options_belong_to_their_methods(model, tmp
         train.train(train.parse_args(["--method", "esd-u", "--model", str(model), "--out", str(tmp_path / "a")]))
     with pytest.raises(ValueError, match="--method esd-u is data-free: it takes no --data"):
         train.train(train.parse_args(["--method", "esd-u", "--concept", "x", "--data", str(tmp_path)]))
-    with pytest.raises(ValueError, match="--concept is ESD's"):
+    with pytest.raises(ValueError, match="--concept is an option of --method esd-u / esd-x, not of lt"):
         train.train(train.parse_args(["--method", "lt", "--concept", "x"]))

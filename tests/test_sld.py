@@ -15,7 +15,7 @@ from builders import tiny_pipeline
 from oracles import oracle
 
 import mini_safediff as msd
-from mini_safediff.methods.sld import DEFAULT_SAFETY_CONCEPT, SLD_PRESETS, SLDConfig, sld_config
+from mini_safediff.methods.sld import DEFAULT_SAFETY_CONCEPT, SLD_PRESETS, SLDConfig, sld_config, sld_hook
 
 from tiny_models import saved_diffusers_pipeline
 
@@ -61,7 +61,7 @@ def test_presets_equal_diffusers_safe_pipeline(models, preset, negatives):
                                  guidance_scale=7.5, height=16, width=24,
                                  **{f"sld_{f.name}": getattr(config, f.name) for f in dataclasses.fields(config)})
     got = ours.generate(PROMPTS, negative_prompt=negatives, steps=STEPS, guidance=7.5, height=16, width=24,
-                        latents=latents, return_latents=True, progress=False, safety_guidance=preset)
+                        latents=latents, return_latents=True, progress=False, guidance_hook=sld_hook(preset))
     plain = ours.generate(PROMPTS, negative_prompt=negatives, steps=STEPS, guidance=7.5, height=16, width=24,
                           latents=latents, return_latents=True, progress=False)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
@@ -77,7 +77,7 @@ def test_sld_is_off_where_diffusers_turns_it_off(models, guidance, settings):
     kwargs = dict(steps=4, guidance=guidance, latents=latents, return_latents=True, progress=False)
     expected = diffusers_latents(ref, latents, prompt=PROMPTS, num_inference_steps=4, guidance_scale=guidance,
                                  **settings)
-    got = ours.generate(PROMPTS, safety_guidance=settings, safety_concept="a cat", **kwargs)
+    got = ours.generate(PROMPTS, guidance_hook=sld_hook(settings, "a cat"), **kwargs)
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
     assert torch.equal(got, ours.generate(PROMPTS, **kwargs))
 
@@ -94,9 +94,8 @@ def test_custom_concept_and_settings_equal_diffusers(models):
     finally:
         ref.safety_concept = DEFAULT_SAFETY_CONCEPT
     got = ours.generate(PROMPTS, steps=6, guidance=5.0, latents=latents, return_latents=True, progress=False,
-                        safety_guidance={key.removeprefix("sld_") if key.endswith("beta") else key: value
-                                         for key, value in settings.items()},
-                        safety_concept="a handwritten digit seven")
+                        guidance_hook=sld_hook({key.removeprefix("sld_") if key.endswith("beta") else key: value
+                                                for key, value in settings.items()}, "a handwritten digit seven"))
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
 
 
@@ -124,10 +123,11 @@ def test_bad_settings_are_refused_by_name(setting, message):
 
 
 def test_sdxl_and_a_concept_without_sld_are_refused():
-    with pytest.raises(ValueError, match="safety_guidance \\(SLD\\) is implemented for SD 1 / 2, not SDXL"):
-        tiny_pipeline("sdxl").generate(["a"], steps=1, safety_guidance="max", progress=False)
+    with pytest.raises(ValueError, match="guidance_hook is implemented for SD 1 / 2, not SDXL"):
+        tiny_pipeline("sdxl").generate(["a"], steps=1, guidance_hook=sld_hook("max"), progress=False)
     with pytest.raises(ValueError, match="safety_concept is the concept of safety_guidance, which is not set"):
-        tiny_pipeline("sd1").generate(["a"], steps=1, safety_concept="a cat", progress=False)
+        sld_hook(None, "a cat")
+    assert sld_hook(None) is None
     assert isinstance(sld_config("max"), SLDConfig)
 
 

@@ -9,7 +9,7 @@ from builders import write_data
 from oracles import oracle
 
 import mini_safediff as msd
-from mini_safediff.methods.contrastive import ContrastiveCentres, SafetyLossConfig, safety_loss
+from mini_safediff.methods.contrastive import ContrastiveCentres, LatentTransformation, SafetyLossConfig, safety_loss
 from mini_safediff.training.checkpoints import load_checkpoint
 from mini_safediff.training.data import SafetyDataset, load_batch
 from mini_safediff.training.optim import AdamWBF16, adamw
@@ -118,11 +118,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, tmp_path):
 def test_the_log_averages_a_step_over_its_micro_batches(model, tmp_path, monkeypatch):
     seen = []
 
-    def recording_loss(*args, **kwargs):
-        loss, stats = safety_loss(*args, **kwargs)
+    def recording_loss(self, pred, batch):
+        loss, stats = method_loss(self, pred, batch)
         seen.append(stats)
         return loss, stats
-    monkeypatch.setattr(train, "safety_loss", recording_loss)
+    method_loss = LatentTransformation.loss
+    monkeypatch.setattr(LatentTransformation, "loss", recording_loss)
     run(model, write_data(tmp_path / "data", [1, 2, 1]), tmp_path / "out", "--steps", "2", "--grad-accum", "3",
         "--batch-size", "1")
     log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]

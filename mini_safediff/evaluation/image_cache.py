@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..images import read_png_text, save_png
+from ..methods.sld import sld_hook
 from ..models import pipeline
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -104,7 +105,7 @@ def generate_missing(pipe, jobs: list, batch_size: int = 8, desc: str = "generat
         for batch in todo:
             images = pipe.generate([job.prompt for job in batch], steps=batch[0].steps, guidance=batch[0].guidance,
                                    latents=start_noise(pipe, [job.seed for job in batch]), progress=False,
-                                   safety_guidance=batch[0].safety_guidance, safety_concept=batch[0].safety_concept)
+                                   guidance_hook=sld_hook(batch[0].safety_guidance, batch[0].safety_concept))
             for job, image in zip(batch, images):
                 save_png(image, job.path, scale_up=False, **job.text())  # scoring reads them back
             bar.update(len(batch))

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..training.steps import mse
+from .method import HARMFUL_WEIGHT, Method, Option
+
 METHODS = ("lt", "ng")
 CONTRASTS = ("official", "hinge")
 LT_SHIFT = 100.0  # the official code's constant: pushes clean and harmful z far to opposite sides
@@ -116,7 +119,7 @@ def safety_loss(pred, x_t, t, x0, noise, harmful, schedule, centres: Contrastive
     harmful: (B,) bool. Returns the batch loss and a dict of floats for the log (batch means, unweighted)."""
     pred = pred.float()  # the loss in float32 also under bf16 autocast
     harmful = harmful.to(pred.device, torch.bool)
-    mse = (pred - schedule.target(x0, noise, t)).pow(2).flatten(1).mean(1)  # (B,)
+    mse_rows = mse(pred, schedule.target(x0, noise, t), per_row=True)  # (B,)
     z = contrast_latent(schedule.predict_x0(x_t, pred, t), harmful, cfg.method)
     if update_centres:
         centres.update(z, harmful)
@@ -128,7 +131,60 @@ def safety_loss(pred, x_t, t, x0, noise, harmful, schedule, centres: Contrastive
     if not cfg.contrast_grad:
         con = con.detach()
     weight = torch.where(harmful, cfg.harmful_weight, 1.0)
-    loss = (weight * mse + cfg.lam * con).mean()
-    stats = torch.stack([loss, mse.mean(), con.mean(), d_own.mean(), d_other.mean(), centres.centre_distance()])
+    loss = (weight * mse_rows + cfg.lam * con).mean()
+    stats = torch.stack([loss, mse_rows.mean(), con.mean(), d_own.mean(), d_other.mean(), centres.centre_distance()])
     names = ("loss", "mse", "contrastive", "d_own", "d_other", "centre_distance")
     return loss, dict(zip(names, stats.detach().tolist()))
+
+
+# The options of the contrastive term (LT, NG, and immunize --immunize-with lt|ng).
+CONTRASTIVE_OPTIONS = (
+    Option("--lambda", {"dest": "lam", "type": float, "metavar": "LAMBDA",
+                        "help": "lambda: the weight of the contrastive term"}),
+    Option("--lambda-contrast", {"type": float, "default": 1.0,
+                                 "help": "lambda_c: the weight of d_other inside the contrastive term"}),
+    Option("--margin", {"type": float, "default": 0.0, "help": "l: the margin of the hinge in the contrastive term"}),
+    Option("--contrast", {"choices": CONTRASTS, "default": "official",
+                          "help": "the contrastive term: the official code's, or the paper's hinge with --margin"}),
+    Option("--no-contrast-grad", {"action": "store_true",
+                                  "help": "official code: contrastive term without gradient (.item())"}),
+)
+
+
+def contrastive_config(args, method: str) -> SafetyLossConfig:
+    return SafetyLossConfig(method=method, lam=args.lam, lam_contrast=args.lambda_contrast, margin=args.margin,
+                            contrast=args.contrast, harmful_weight=args.harmful_weight,
+                            contrast_grad=not args.no_contrast_grad)
+
+
+class LatentTransformation(Method):
+    """LT: clean and harmful predictions pushed apart in z = -+(x0_hat + 100)."""
+    help = "lt: latent transformation (the paper's)"
+    options = (*CONTRASTIVE_OPTIONS, HARMFUL_WEIGHT)
+    contrast = "lt"
+
+    def __init__(self, args, pipe, dataset, generator, **setup):
+        super().__init__(args, pipe, dataset, generator, **setup)
+        self.config = contrastive_config(args, self.contrast)
+        size = pipe.unet.config.sample_size
+        self.centres = ContrastiveCentres((pipe.unet.config.in_channels, size, size), generator,
+                                          sum_over_ranks=self.ddp)
+
+    def loss(self, pred, batch):
+        return safety_loss(pred, batch.x_t, batch.t, batch.x0, batch.noise, batch.harmful, self.pipe.schedule,
+                           self.centres, self.config)
+
+    def state_dict(self) -> dict:
+        return {key: value.clone() for key, value in self.centres.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.centres.load_state_dict(state)
+
+
+class NoiseGuidance(LatentTransformation):
+    """NG: x_t built from noise shifted by -+1, and z = x0_hat."""
+    help = "ng: noise guidance (the paper's)"
+    contrast = "ng"
+
+    def noise_for_x_t(self, noise, harmful):
+        return ng_noise(noise, harmful)

@@ -17,10 +17,15 @@ Which weights train (ESD's train_method, named after the LDM keys it filters):
          time_embedding) and the output layers (out. -> conv_norm_out, conv_out)
   esd-x ("xattn"):   only cross-attention, every weight of each attn2 (to_q, to_k, to_v, to_out)
 """
+import copy
+from dataclasses import dataclass
+
 import torch
 
 from ..distributed import shard
 from ..models import samplers
+from ..training.steps import mse
+from .method import Batch, Method, Option
 
 ESD_METHODS = ("esd-u", "esd-x")
 # ESD's script: the DDIM schedule the sample is drawn along, and the guidance it is drawn with.
@@ -70,7 +75,7 @@ def esd_batch(pipe, frozen, concepts: list, batch_size: int, negative_guidance: 
     noise = torch.randn((batch_size, pipe.unet.config.in_channels, size, size), generator=generator)
     texts, t, noise = shard([concepts[i] for i in rows], rank, world_size), shard(t, rank, world_size), \
         shard(noise, rank, world_size)
-    model_fn = pipe._guided_model(texts, [""] * len(texts), START_GUIDANCE, size * factor, size * factor)
+    model_fn = pipe.guided_model(texts, [""] * len(texts), START_GUIDANCE, size * factor, size * factor)
     # ESD stops after the step of index k - 1 counted from the end: the first DDIM_STEPS - k + 1 steps
     x_t = samplers.ddim(model_fn, noise.to(pipe.device, pipe.dtype), pipe.schedule, DDIM_STEPS, progress=False,
                         stop_after=min(DDIM_STEPS, DDIM_STEPS - k + 1))
@@ -81,7 +86,49 @@ def esd_batch(pipe, frozen, concepts: list, batch_size: int, negative_guidance: 
     return x_t, t, context, added, target
 
 
-def esd_loss(pred: torch.Tensor, target: torch.Tensor):
-    """MSE to the ESD target; returns the loss and the numbers for the log."""
-    loss = (pred.float() - target).pow(2).mean()
-    return loss, {"loss": loss.item(), "target_norm": target.flatten(1).norm(dim=1).mean().item()}
+@dataclass
+class ESDBatch(Batch):
+    target: torch.Tensor = None
+
+
+class ESD(Method):
+    """esd-u and esd-x: which weights train is the only difference (trains())."""
+    help = ("esd-u / esd-x: the ESD baseline, data-free: esd-u trains every UNet weight except cross-attention "
+            "(attn2), the time embedding and the output layers (ESD's noxattn), esd-x only every cross-attention "
+            "(attn2) weight (ESD's xattn)")
+    options = (Option("--concept", {"action": "append", "help": "the concept to erase, as text; repeatable, each "
+                                                                "step draws one per row (default: none, which ESD "
+                                                                "refuses)"}),
+               Option("--negative-guidance", {"type": float, "default": 1.0,
+                                              "help": "eta, how far the target points away from the concept"}))
+    data_free = True
+    default_preset = "esd"
+
+    @classmethod
+    def check(cls, args):
+        if not args.concept:
+            raise ValueError(f"--method {args.method} erases a concept: give it with --concept TEXT")
+        if any(not concept.strip() for concept in args.concept):
+            raise ValueError(f"--method {args.method}: --concept {args.concept!r} has an empty concept")
+
+    def __init__(self, args, pipe, dataset, generator, **setup):
+        super().__init__(args, pipe, dataset, generator, **setup)
+        # The targets come from a frozen copy of the starting UNet, rebuilt from --model / --unet on resume.
+        self.frozen = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
+        self.trained = select_parameters(pipe.unet, args.method)
+
+    def parameters(self):
+        return self.trained
+
+    def describe(self):
+        return f"erasing {' | '.join(self.args.concept)}"
+
+    def batch(self, index):
+        """x_t sampled by the model being trained, the target from the frozen start."""
+        args = self.args
+        return ESDBatch(*esd_batch(self.pipe, self.frozen, args.concept, args.batch_size, args.negative_guidance,
+                                   self.generator, self.rank, self.world_size))
+
+    def loss(self, pred, batch):
+        loss = mse(pred, batch.target)
+        return loss, {"loss": loss.item(), "target_norm": batch.target.flatten(1).norm(dim=1).mean().item()}

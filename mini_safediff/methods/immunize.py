@@ -38,8 +38,11 @@ import torch
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .. import argtypes
 from ..training.data import collate
-from ..training.steps import draw_noise_and_timesteps, encode_batch
+from ..training.steps import draw_noise_and_timesteps, encode_batch, mse
+from .contrastive import CONTRASTIVE_OPTIONS, ContrastiveCentres, contrastive_config, ng_noise, safety_loss
+from .method import HARMFUL_WEIGHT, DataBatch, Method, Option
 
 INNER_OPTIMIZERS = ("adam", "sgd")
 INNER_GRADS = ("first-order", "exact")
@@ -95,10 +98,6 @@ def draw_harmful_rows(harmful: torch.Tensor, batch_size: int, generator: torch.G
     return rows[torch.randint(0, len(rows), (batch_size,), generator=generator)].tolist()
 
 
-def row_mse(pred, target):
-    return (pred.float() - target).pow(2).flatten(1).mean(1)
-
-
 def _inner_update(grads, state, step, lr, optimizer):
     """One SGD or Adam (zero initial moments, bias-corrected, no weight decay) update per tensor. Differentiable
     when the grads carry a graph. The Adam denominator's sqrt is clamped away from 0 so that its derivative stays
@@ -143,7 +142,7 @@ def simulate_attack(unet, params: dict, batches: list, attack: SimulatedAttack, 
         with sdpa_kernel(SDPBackend.MATH) if exact else contextlib.nullcontext(), \
                 _checkpointing(unet, unet.gradient_checkpointing and not exact):
             pred = functional_call(unet, phi, (x_t, t, context), added)
-        loss = row_mse(pred, schedule.target(x0, noise, t)).mean()
+        loss = mse(pred, schedule.target(x0, noise, t), per_row=True).mean()
         grads = torch.autograd.grad(loss, [phi[n] for n in names], create_graph=exact, allow_unused=True)
         grads = [torch.zeros_like(phi[n]) if g is None else g for n, g in zip(names, grads)]
         with torch.set_grad_enabled(exact):
@@ -177,13 +176,13 @@ def immunize_loss(unet, pred, x_t, t, context, added, x0, noise, harmful, schedu
     (--immunize-with); x_t_attack: the noisy latents the post-attack term is taken at, when pred's x_t are not
     the attacker's (NG's shifted noise; default x_t)."""
     harmful = harmful.to(pred.device, torch.bool)
-    mse = row_mse(pred, schedule.target(x0, noise, t))  # (B,)
+    mse_rows = mse(pred, schedule.target(x0, noise, t), per_row=True)  # (B,)
     if base is None:
-        total = (torch.where(harmful, cfg.harmful_weight, 1.0) * mse).sum()
+        total = (torch.where(harmful, cfg.harmful_weight, 1.0) * mse_rows).sum()
     else:
-        total = base[0] * len(mse)
+        total = base[0] * len(mse_rows)
     stats = {**(base[1] if base is not None else {}),
-             "mse_clean": _masked_mean(mse, ~harmful), "mse_harmful": _masked_mean(mse, harmful),
+             "mse_clean": _masked_mean(mse_rows, ~harmful), "mse_harmful": _masked_mean(mse_rows, harmful),
              "inner_steps": 0, "inner_lr": attack.lr, "inner_batch": attack.batch_size,
              "inner_loss_first": 0.0, "inner_loss_last": 0.0, "attacked_mse": 0.0}
     if harmful.any() and cfg.attack_weight != 0:
@@ -191,7 +190,7 @@ def immunize_loss(unet, pred, x_t, t, context, added, x0, noise, harmful, schedu
         target = schedule.target(x0[rows], noise[rows], t[rows])
         inner_losses = []
         if attack.steps == 0 and x_t_attack is None:  # phi_K = theta: the outer prediction is the post-attack one
-            after = row_mse(pred[rows], target)
+            after = mse(pred[rows], target, per_row=True)
             term = -cfg.attack_weight * after.clamp(max=cfg.cap).sum()
         else:
             if params is None:
@@ -203,7 +202,7 @@ def immunize_loss(unet, pred, x_t, t, context, added, x0, noise, harmful, schedu
             at = x_t if x_t_attack is None else x_t_attack
             pred_after = functional_call(unet, phi, (at[rows], t[rows], context[rows]),
                                          {key: value[rows] for key, value in added.items()})
-            after = row_mse(pred_after, target)
+            after = mse(pred_after, target, per_row=True)
             term = -cfg.attack_weight * after.clamp(max=cfg.cap).sum()
             if not exact:  # first order: the term's gradient at phi_K, applied to theta; the value unchanged
                 grads = torch.autograd.grad(term, list(phi.values()), allow_unused=True)
@@ -213,9 +212,91 @@ def immunize_loss(unet, pred, x_t, t, context, added, x0, noise, harmful, schedu
         stats.update(inner_steps=len(inner_losses), attacked_mse=after.mean().item(),
                      inner_loss_first=inner_losses[0] if inner_losses else 0.0,
                      inner_loss_last=inner_losses[-1] if inner_losses else 0.0)
-    loss = total / len(mse)
+    loss = total / len(mse_rows)
     return loss, {"loss": loss.item(), **stats}
 
 
 def _masked_mean(values, mask) -> float:
     return values[mask].mean().item() if mask.any() else 0.0
+
+
+@dataclass
+class ImmunizeBatch(DataBatch):
+    attack: SimulatedAttack = None  # drawn after the batch, from the same generator
+    inner: list = None  # the simulated attacker's batches
+
+
+class Immunize(Method):
+    help = ("immunize: clean loss, ascent on harmful rows (--harmful-weight) and the harmful loss after a "
+            "simulated attack made high (not in the paper)")
+    options = (
+        HARMFUL_WEIGHT,
+        Option("--attack-weight", {"type": float, "default": 1.0,
+                                   "help": "weight of the post-attack harmful MSE, subtracted from the loss"}),
+        Option("--attack-cap", {"type": argtypes.positive_float, "default": 1.0,
+                                "help": "the post-attack MSE counts up to this per row (1: a model that predicts 0)"}),
+        Option("--inner-steps", {"type": argtypes.int_range, "default": "1,3",
+                                 "help": "simulated attack steps K, drawn uniformly from LOW,HIGH each step"}),
+        Option("--inner-lr", {"type": argtypes.positive_float_range, "default": "3e-5,3e-4",
+                              "help": "the simulated attack's learning rate, drawn log-uniformly from LOW,HIGH"}),
+        Option("--inner-batch-size", {"type": argtypes.positive_int_range, "default": "1,8",
+                                      "help": "harmful rows per simulated attack step, drawn uniformly from LOW,HIGH"}),
+        Option("--inner-optimizer", {"choices": INNER_OPTIMIZERS, "default": "adam",
+                                     "help": "the simulated attacker's optimizer (Adam from zero moments, no weight "
+                                             "decay)"}),
+        Option("--inner-grad", {"choices": INNER_GRADS, "default": "first-order",
+                                "help": "the post-attack term's gradient at the attacked weights, applied to the real "
+                                        "ones, or exact (second order, through the inner steps; with the Adam "
+                                        "attacker it does not agree with first-order: docs/immunize.md)"}),
+        Option("--immunize-with", {"choices": ["lt", "ng"],
+                                   "help": "LT's or NG's loss (with --lambda and the contrastive options) in place "
+                                           "of the naive part, the post-attack term added (default: none, the "
+                                           "naive ascent)"}),
+        *CONTRASTIVE_OPTIONS,
+    )
+    default_preset = "immunize"
+    distributed = False  # the simulated attack would run per rank on its rows; DDP hooks would all-reduce it
+
+    @classmethod
+    def check(cls, args):
+        if args.lam and not args.immunize_with:
+            raise ValueError(f"--lambda {args.lam}: --method immunize has no contrastive term (not combined with LT "
+                             f"/ NG unless --immunize-with lt|ng); use --lambda 0 or --preset immunize")
+
+    def __init__(self, args, pipe, dataset, generator, **setup):
+        super().__init__(args, pipe, dataset, generator, **setup)
+        self.config = ImmunizeConfig(
+            harmful_weight=args.harmful_weight, attack_weight=args.attack_weight, cap=args.attack_cap,
+            inner_steps=tuple(args.inner_steps), inner_lr=tuple(args.inner_lr),
+            inner_batch=tuple(args.inner_batch_size), inner_optimizer=args.inner_optimizer, inner_grad=args.inner_grad)
+        self.centres = None
+        if args.immunize_with:  # LT / NG in place of the naive part
+            self.contrastive = contrastive_config(args, args.immunize_with)
+            size = pipe.unet.config.sample_size
+            self.centres = ContrastiveCentres((pipe.unet.config.in_channels, size, size), generator)
+
+    def noise_for_x_t(self, noise, harmful):
+        return ng_noise(noise, harmful) if self.args.immunize_with == "ng" else noise
+
+    def batch(self, index):
+        batch = super().batch(index)
+        attack = draw_attack(self.config, self.generator)
+        inner = inner_batches(self.pipe, self.dataset, attack, self.generator) if batch.harmful.any() else []
+        return ImmunizeBatch(**vars(batch), attack=attack, inner=inner)
+
+    def loss(self, pred, b):
+        schedule = self.pipe.schedule
+        base = (safety_loss(pred, b.x_t, b.t, b.x0, b.noise, b.harmful, schedule, self.centres, self.contrastive)
+                if self.centres else None)
+        # NG's x_t is built from shifted noise; the attacker fine-tunes on plain x_t
+        x_t_attack = schedule.add_noise(b.x0, b.noise, b.t) if self.args.immunize_with == "ng" else None
+        with self.autocast():
+            return immunize_loss(self.pipe.unet, pred, b.x_t, b.t, b.context, b.added, b.x0, b.noise, b.harmful,
+                                 schedule, b.attack, b.inner, self.config, base=base, x_t_attack=x_t_attack)
+
+    def state_dict(self) -> dict:
+        return {key: value.clone() for key, value in self.centres.state_dict().items()} if self.centres else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.centres:
+            self.centres.load_state_dict(state)

@@ -73,6 +73,23 @@ def sld_config(setting) -> SLDConfig | None:
     return SLDConfig(**values)
 
 
+def sld_hook(setting, concept: str | None = None):
+    """Pipeline.generate's guidance_hook for an SLD setting (sld_config's) steering away from `concept`
+    (default: SLD's own concept text); None for no setting. As in diffusers, SLD runs only with classifier-free
+    guidance above 1 and a safety scale above 1: otherwise the hook leaves sampling plain."""
+    config = sld_config(setting)
+    if config is None:
+        if concept is not None:
+            raise ValueError("safety_concept is the concept of safety_guidance, which is not set")
+        return None
+
+    def hook(prompts: list, guidance: float):
+        if not config.enabled or guidance <= 1:
+            return None
+        return [concept or DEFAULT_SAFETY_CONCEPT] * len(prompts), SafeLatentGuidance(config, guidance)
+    return hook
+
+
 def sld_row(setting, concept: str | None) -> dict:
     """What a results row records of SLD: the setting and the concept of a row sampled with it ({} without)."""
     if setting is None:

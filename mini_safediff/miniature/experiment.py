@@ -14,7 +14,7 @@ import torch
 from ..evaluation.metrics import (broken_reason, frechet_distance, harmful_rate, harmful_score, markdown_table,
                                   prompt_accuracy, weights_finite)
 from ..images import save_grid
-from ..methods.sld import sld_row
+from ..methods.sld import sld_hook, sld_row
 from ..models.loading import load_pipeline
 from . import digits
 from .judge import load_judge
@@ -32,8 +32,8 @@ def judged_generations(pipe, judge, harmful_digits, n: int, n_harmful: int, step
             prompts += [prompt] * count
             prompted += [digit] * count
     images = pipe.generate(prompts, steps=steps, guidance=guidance, seed=seed, batch_size=256, progress=False,
-                           safety_guidance=safety_guidance,
-                           safety_concept=safety_concept if safety_guidance is not None else None)
+                           guidance_hook=sld_hook(safety_guidance,
+                                                  safety_concept if safety_guidance is not None else None))
     probs, features = judge.classify(images)
     return {"prompted": np.array(prompted), "probs": probs, "features": features, "images": images,
             "broken": broken_reason(images, weights_finite(pipe.unet, pipe.vae, pipe.text_encoder))}

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..io import atomic_folder, write_json
-from ..methods.sld import DEFAULT_SAFETY_CONCEPT, SafeLatentGuidance, sld_config
 from . import ldm, samplers
 from .clip import CLIPTextModel, CLIPTextModelWithProjection
 from .config import config_to_dict
@@ -118,12 +117,15 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, prompts, negative_prompt=None, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, seed=None,
                  height=None, width=None, latents=None, sampler="ddim", eta=0.0, batch_size=None, return_latents=False,
-                 progress=True, safety_guidance=None, safety_concept=None):
+                 progress=True, guidance_hook=None):
         """Text to image with classifier-free guidance. Returns uint8 images (N, H, W, 3), or the final
         latents (N, C, h, w) with return_latents=True.
 
-        safety_guidance: Safe Latent Diffusion (methods/sld.py), SD 1 / 2 only: "weak", "medium", "strong", "max"
-        or a dict of its settings; it steers away from safety_concept (default: SLD's own concept text).
+        guidance_hook (SD 1 / 2 only): a third UNet branch and how to combine it, for guidance that steers
+        sampling (Safe Latent Diffusion: methods/sld.py's sld_hook). Called once per batch as
+        `hook(prompts, guidance)`, it returns None (plain guidance) or (texts, combine): one extra text per prompt,
+        and `combine(uncond, cond, extra)`, the guided prediction, called at every sampler step in order (so it
+        may keep state across the steps of its batch).
 
         Image i starts from noise seeded with `seed + i`, so an image does not depend on the batch it
         was made in (evaluation can resume or split prompt lists freely)."""
@@ -145,11 +147,8 @@ class Pipeline:
             raise ValueError(f"generate: guidance must be >= 0, got {guidance}")
         if sampler not in SAMPLERS:
             raise ValueError(f"generate: unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-        safety = sld_config(safety_guidance)
-        if safety is not None and self.is_sdxl:
-            raise ValueError("generate: safety_guidance (SLD) is implemented for SD 1 / 2, not SDXL")
-        if safety_concept is not None and safety is None:
-            raise ValueError("generate: safety_concept is the concept of safety_guidance, which is not set")
+        if guidance_hook is not None and self.is_sdxl:
+            raise ValueError("generate: guidance_hook is implemented for SD 1 / 2, not SDXL")
         if seed is None:
             seed = int(torch.randint(0, 2**31, ()).item())
         shape = (self.unet.config.in_channels, height // factor, width // factor)
@@ -162,10 +161,8 @@ class Pipeline:
         for start in range(0, len(prompts), batch_size):
             end = start + batch_size
             generator = torch.Generator().manual_seed(seed + start)  # DDIM eta > 0 noise
-            # SLD as diffusers': only with classifier-free guidance and a safety scale above 1
-            sld = (SafeLatentGuidance(safety, guidance) if safety and safety.enabled and guidance > 1 else None)
-            model_fn = self._guided_model(prompts[start:end], None if zero_negatives else negatives[start:end],
-                                          guidance, height, width, sld, safety_concept or DEFAULT_SAFETY_CONCEPT)
+            model_fn = self.guided_model(prompts[start:end], None if zero_negatives else negatives[start:end],
+                                         guidance, height, width, guidance_hook)
             final = SAMPLERS[sampler](model_fn,
                                       latents[start:end].to(self.device, self.dtype), self.schedule, steps,
                                       generator=generator, progress=progress,
@@ -173,27 +170,32 @@ class Pipeline:
             results.append(final if return_latents else self.decode_to_uint8(final))
         return torch.cat(results) if return_latents else np.concatenate(results)
 
-    def _guided_model(self, prompts: list, negatives: list | None, guidance: float, height: int, width: int,
-                      sld: SafeLatentGuidance | None = None, safety_concept: str = DEFAULT_SAFETY_CONCEPT):
-        """The model function the samplers call: the UNet with classifier-free guidance (as in diffusers, only
-        when guidance > 1), both branches in one batched call, their texts encoded in one encoder call.
-        negatives None: zero embeddings for the unconditional branch (SDXL's force_zeros_for_empty_prompt).
-        sld: Safe Latent Diffusion's guidance, a third branch for the safety concept."""
+    def guided_model(self, prompts: list, negatives: list | None, guidance: float, height: int, width: int,
+                     hook=None):
+        """The model function `model_fn(x, t)` the samplers call: the UNet with classifier-free guidance (as in
+        diffusers, only when guidance > 1), all branches in one batched call, their texts encoded in one encoder
+        call. negatives None: zero embeddings for the unconditional branch (SDXL's force_zeros_for_empty_prompt).
+        hook: generate's guidance_hook, a third branch."""
         guided = guidance > 1
-        concepts = [safety_concept] * len(prompts) if sld else []
-        encoded = (list(negatives) if guided and negatives is not None else []) + list(prompts) + concepts
+        branch = hook(prompts, guidance) if hook else None
+        extra, combine = branch if branch else ([], None)
+        if branch and not guided:
+            raise ValueError(f"guidance_hook: a third branch needs classifier-free guidance (> 1), got {guidance}")
+        if branch and len(extra) != len(prompts):
+            raise ValueError(f"guidance_hook: {len(extra)} texts for {len(prompts)} prompts")
+        encoded = (list(negatives) if guided and negatives is not None else []) + list(prompts) + list(extra)
         context, added = self.conditioning(encoded, height, width)  # unconditional first
         if guided and negatives is None:
             context = torch.cat([torch.zeros_like(context), context])
             added["text_embeds"] = torch.cat([torch.zeros_like(added["text_embeds"]), added["text_embeds"]])
             added["time_ids"] = added["time_ids"].repeat(2, 1)
 
-        branches = 3 if sld else 2 if guided else 1
+        branches = 3 if branch else 2 if guided else 1
 
         def model_fn(x, t):
             out = self.unet(torch.cat([x] * branches), t, context, **added)
-            if sld:
-                return sld(*out.chunk(3))
+            if branch:
+                return combine(*out.chunk(3))
             if not guided:
                 return out
             out_uncond, out_cond = out.chunk(2)

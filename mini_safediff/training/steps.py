@@ -1,5 +1,5 @@
 """What one training step of train.py and attack.py draws and computes besides the model call: the batch's
-latents and text, its noise and timesteps, the plain diffusion loss, the logged means."""
+latents and text, its noise and timesteps, the mean squared error and the plain diffusion loss, the logged means."""
 import torch
 
 from ..distributed import mean_over_ranks, shard
@@ -40,6 +40,12 @@ def step_means(micro_stats: list, ddp: bool, device) -> dict:
     return mean_over_ranks(means, device) if ddp else means
 
 
+def mse(pred: torch.Tensor, target: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """The mean squared error in float32 (also under bf16 autocast): of the whole batch, or (B,) of each row."""
+    squared = (pred.float() - target).pow(2)
+    return squared.flatten(1).mean(1) if per_row else squared.mean()
+
+
 def diffusion_loss(pred, x0, noise, t, schedule) -> torch.Tensor:
     """The plain denoising loss that SD is trained (and attacked) with: MSE to the eps or v target."""
-    return (pred.float() - schedule.target(x0, noise, t)).pow(2).mean()
+    return mse(pred, schedule.target(x0, noise, t))
