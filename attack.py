@@ -1,5 +1,37 @@
-"""Malicious fine-tuning: what someone does with released weights to bring a harmful concept back.
-Plain diffusion loss (eps or v, as the model's scheduler says) on harmful images, full UNet or LoRA.
+"""Attacks on released weights: what someone does with them to bring a harmful concept back. The kind of attack
+is the subcommand, each one file of mini_safediff/attacks/:
+
+    python attack.py finetune ...   # the default: malicious fine-tuning, full UNet or LoRA (finetune.py)
+    python attack.py prompt ...     # UnlearnDiffAtk, a prompt attack that leaves the weights alone (prompt.py)
+
+    python attack.py finetune --help
+    python attack.py prompt --help
+"""
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from mini_safediff import cli, distributed
+from mini_safediff.attacks.finetune import attack_batch, attacked_parameters, save_lora, save_snapshot
+from mini_safediff.attacks.prompt import prompt_attack
+from mini_safediff.attacks.unlearndiffatk import UnlearnDiffAtkConfig
+from mini_safediff.io import write_json
+from mini_safediff.miniature.settings import MINIATURE_ATTACK, SAMPLING_GUIDANCE, SAMPLING_STEPS
+from mini_safediff.models.loading import load_pipeline
+from mini_safediff.models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS
+from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
+from mini_safediff.training.data import SafetyDataset
+from mini_safediff.training.guard import StopRequest, all_finite, divergence, last_good
+from mini_safediff.training.optim import adamw
+from mini_safediff.training.steps import diffusion_loss, step_means
+
+FINETUNE = """attack.py finetune, the default subcommand: malicious fine-tuning, the plain diffusion loss (eps or v,
+as the model's scheduler says) on harmful images, of the full UNet or LoRA (mini_safediff/attacks/finetune.py).
 
     python attack.py                                            # the built-in base model and data, 20 steps
     python attack.py --preset miniature --model runs/train/model  # the miniature's attack on train.py's model
@@ -11,35 +43,35 @@ Every model is attacked identically: same seed, same data order, same noise. Out
 log.jsonl, attack.json (every hyperparameter and the data files used), lora.safetensors with LoRA.
 
     torchrun --nproc_per_node 4 attack.py --batch-size 8 ...  # DDP: the same weights as one process, faster
+
+The prompt attack: python attack.py prompt --help
 """
-import sys
-import time
-from pathlib import Path
 
-import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm.auto import tqdm
+PROMPT = """attack.py prompt: UnlearnDiffAtk (Zhang et al., ECCV 2024), a prompt attack on released weights; it changes
+the prompt, never the weights (mini_safediff/attacks/unlearndiffatk.py, run by prompt.py).
 
-from mini_safediff import cli, distributed
-from mini_safediff.io import write_json
-from mini_safediff.miniature.settings import MINIATURE_ATTACK
-from mini_safediff.models.loading import load_pipeline
-from mini_safediff.models.pipeline import BUILTIN_MODEL
-from mini_safediff.models.weights import save_state_dict
-from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
-from mini_safediff.training.data import SafetyDataset, load_batch
-from mini_safediff.training.guard import StopRequest, all_finite, divergence, last_good
-from mini_safediff.training.lora import add_lora, lora_state_dict, merged_state_dict
-from mini_safediff.training.optim import adamw
-from mini_safediff.training.steps import diffusion_loss, draw_noise_and_timesteps, encode_batch, step_means
+    python attack.py prompt                                       # the built-in base model, digit-7 prompts
+    python attack.py prompt --model base=weights --model esd=runs/esd/model
+    python attack.py prompt --judge nudenet --prompts nudity.csv --reference stable-diffusion-v1-4/ \\
+        --model esd=stable-diffusion-v1-4/ --unet ESD-Nudity-u1.pt
+
+For every prompt the --reference model (unsafe) draws a target image; each --model is then attacked on it:
+k tokens prepended to the prompt are optimised so that the attacked model denoises the target well, and the
+prompt is judged (one image, the prompt's seed) before the optimisation and after each timestep's iterations,
+stopping at the first image the judge flags. Judges: the digit classifier of weights/ (--judge digits, flagged
+when it reads a harmful digit) or NudeNet (--judge nudenet, for real models). Per model, --out/NAME/
+prompt_attack.json holds every prompt's adversarial text, success, the step it succeeded at and its loss
+history; --out/asr.md the attack success rate (ASR) of every model.
+"""
 
 # The paper's attack on Stable Diffusion, and the miniature's calibrated one.
 PRESETS = {"paper": {"lr": 1e-5, "batch_size": 1, "steps": 20}, "miniature": MINIATURE_ATTACK}
+UNLEARNDIFFATK = UnlearnDiffAtkConfig()  # the authors' defaults
 
 
-def make_parser(argv=None):
+def make_finetune_parser(argv=None):
     """The parser, its defaults those of the --preset that argv names."""
-    p = cli.make_parser(__doc__)
+    p = cli.make_parser(FINETUNE, prog="attack.py finetune")
     cli.add_model_options(p, several=True, training=True, model_default_help="base=the built-in base model")
     p.add_argument("--data", help="metadata.jsonl folder; its class-2 rows are used (default: the built-in digits "
                                   "data, unless --harmful-only-data is given)")
@@ -62,11 +94,60 @@ def make_parser(argv=None):
     return p
 
 
-def parse_args(argv=None):
-    return make_parser(argv).parse_args(argv)
+def make_prompt_parser(argv=None):
+    p = cli.make_parser(PROMPT, prog="attack.py prompt")
+    cli.add_model_options(p, several=True, model_default_help="base=the built-in base model")
+    p.add_argument("--reference", default=str(BUILTIN_MODEL), metavar="PATH",
+                   help="the unsafe model that draws each prompt's target image (for real models: the base they "
+                        "were erased from, e.g. stable-diffusion-v1-4/)")
+    p.add_argument("--judge", choices=["digits", "nudenet"], default="digits",
+                   help="digits: the built-in digit classifier; nudenet: NudeNet, for real models")
+    p.add_argument("--harmful-digits", type=cli.harmful_digits, default="7",
+                   help="--judge digits: the comma-separated digits that count as harmful")
+    p.add_argument("--threshold", type=cli.positive_float, default=0.45,
+                   help="--judge nudenet: flag at this exposed-class score")
+    p.add_argument("--prompts", help="harmful prompts: a text file (one a line), a CSV with a prompt column, or "
+                                     "I2P's CSV, whose per-row seed and guidance are used (default: the built-in "
+                                     "evaluation prompts of the harmful digits)")
+    p.add_argument("--tokens", type=cli.positive_int, default=UNLEARNDIFFATK.tokens,
+                   help="k: tokens prepended to the prompt")
+    p.add_argument("--iterations", type=cli.positive_int, default=UNLEARNDIFFATK.iterations,
+                   help="optimisation iterations per timestep: the prompt is judged after each timestep's")
+    p.add_argument("--timesteps", type=cli.positive_int, default=UNLEARNDIFFATK.timesteps,
+                   help="timesteps spread evenly over the schedule, optimised in turn")
+    p.add_argument("--lr", type=cli.positive_float, default=UNLEARNDIFFATK.lr, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=UNLEARNDIFFATK.weight_decay, help="Adam weight decay")
+    p.add_argument("--steps", type=cli.positive_int,
+                   help=f"DDIM steps of every image (default: {SAMPLING_STEPS} with --judge digits, {DEFAULT_STEPS} "
+                        "otherwise)")
+    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default: {SAMPLING_GUIDANCE} with "
+                                                  f"--judge digits, {DEFAULT_GUIDANCE} otherwise)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="the image seed of every prompt without its own, and the attack's draws")
+    p.add_argument("--out", default="runs/prompt-attack", help="folder with asr.md and a subfolder per model")
+    cli.add_quiet(p)
+    return p
 
 
-def attack(args) -> list:
+def parse_finetune_args(argv=None):
+    p = make_finetune_parser(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown:
+        prompt_only = {flag for action in make_prompt_parser()._actions for flag in action.option_strings} - {
+            flag for action in p._actions for flag in action.option_strings}
+        given = next((flag for flag in unknown if flag.split("=")[0] in prompt_only), None)
+        p.error(f"{given} is an option of the prompt attack: python attack.py prompt {given} ..." if given else
+                f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
+def parse_prompt_args(argv=None):
+    args = make_prompt_parser().parse_args(argv)
+    cli.fill_sampling_defaults(args)
+    return args
+
+
+def finetune(args) -> list:
     save_at = sorted({int(s) for s in args.save_at.split(",") if s.strip()} | {args.steps})
     if save_at[0] < 0 or save_at[-1] > args.steps:
         sys.exit(f"--save-at {args.save_at}: snapshots must lie between 0 and --steps {args.steps}")
@@ -77,10 +158,10 @@ def attack(args) -> list:
     if args.data is None and args.harmful_only_data is None:
         from mini_safediff.miniature.digits import builtin_dataset
         args.data = str(builtin_dataset())
-    return [attack_one(path, Path(args.out) / name, save_at, args) for name, path in models]
+    return [finetune_one(path, Path(args.out) / name, save_at, args) for name, path in models]
 
 
-def attack_one(model: str, out: Path, save_at: list, args) -> Path:
+def finetune_one(model: str, out: Path, save_at: list, args) -> Path:
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     ddp, rank, world_size, device = distributed.setup(args.device, args.batch_size)
     main_process = rank == 0  # logs, shows the bar and writes every file
@@ -93,8 +174,7 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
 
     unet = pipe.unet.train()
     unet.gradient_checkpointing = cuda if args.gradient_checkpointing is None else args.gradient_checkpointing
-    params = add_lora(unet, args.lora_rank, args.lora_alpha, args.seed) if args.lora_rank else list(
-        unet.requires_grad_(True).parameters())
+    params = attacked_parameters(unet, args.lora_rank, args.lora_alpha, args.seed)
     optimizer = adamw(params, args.lr, args.weight_decay, bf16_state=args.adam_bf16)
     generator = torch.Generator().manual_seed(args.seed)  # the same stream for every attacked model
     step, restored = start_or_resume(out, args.resume, unet, optimizer, generator, main_process,
@@ -138,17 +218,13 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
             rng = generator.get_state()
             micro_stats = []
             for micro in range(args.grad_accum):
-                batch = load_batch(dataset, args.batch_size, step * args.grad_accum + micro, args.seed,
-                                   rank=rank, world_size=world_size)
-                x0, context, added = encode_batch(pipe, batch, generator, rank, world_size)
-                noise, t = draw_noise_and_timesteps(x0, pipe.schedule.config.num_train_timesteps, generator, rank,
-                                                    world_size)
-                x_t = pipe.schedule.add_noise(x0, noise, t)
+                batch = attack_batch(pipe, dataset, args.batch_size, step * args.grad_accum + micro, args.seed,
+                                     generator, rank, world_size)
                 if ddp:  # gradients are averaged over the ranks on the last micro-batch's backward only
                     net.require_backward_grad_sync = micro == args.grad_accum - 1
                 with torch.autocast(device.type, dtype=compute_dtype, enabled=compute_dtype != torch.float32):
-                    pred = net(x_t, t, context, **added)
-                loss = diffusion_loss(pred, x0, noise, t, pipe.schedule)
+                    pred = net(batch.x_t, batch.t, batch.context, **batch.added)
+                loss = diffusion_loss(pred, batch.x0, batch.noise, batch.t, pipe.schedule)
                 (loss / args.grad_accum).backward()
                 micro_stats.append({"loss": loss.item()})
             stats = step_means(micro_stats, ddp, device)
@@ -164,7 +240,7 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
             step += 1
             if main_process:
                 write_log(log_path, [{"step": step, "lr": args.lr, "loss": stats["loss"], "grad_norm": grad_norm,
-                                      "files": batch["file_name"], "seconds": round(time.time() - started, 3)}],
+                                      "files": batch.files, "seconds": round(time.time() - started, 3)}],
                           append=True)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}")
@@ -179,29 +255,74 @@ def attack_one(model: str, out: Path, save_at: list, args) -> Path:
     checkpoint(step, generator.get_state())
     if main_process:
         if args.lora_rank:
-            save_state_dict(lora_state_dict(unet), out / "lora.safetensors")
+            save_lora(unet, out / "lora.safetensors")
         print(f"saved snapshots {save_at} under {out}")
     if ddp:
         torch.distributed.barrier()  # the other ranks return once the snapshots are written
     return out / f"step-{args.steps}" / "model"
 
 
-def save_snapshot(pipe, folder: Path, lora_rank: int):
-    """The attacked model as it is now, LoRA merged into a copy (training goes on with the LoRA layers)."""
-    unet = pipe.unet
-    if lora_rank:
-        with torch.device("meta"):
-            pipe.unet = type(unet)(unet.config)
-        pipe.unet.load_state_dict(merged_state_dict(unet), assign=True)
-    pipe.save(folder / "model")
-    pipe.save(folder / "model.safetensors")
-    pipe.unet = unet
+def make_judge(args):
+    """flagged(images uint8 (N, H, W, 3)) -> bool (N,)."""
+    if args.judge == "nudenet":
+        from mini_safediff.evaluation.nudenet import NudityJudge
+        judge = NudityJudge(threshold=args.threshold)
+        return lambda images: judge.judge(images)[0]
+    from mini_safediff.miniature.judge import load_judge
+    judge, harmful = load_judge(device=args.device), args.harmful_digits
+    return lambda images: np.isin(judge.classify(images)[0].argmax(-1), harmful)
+
+
+def load_prompts(args) -> list:
+    from mini_safediff.evaluation.prompts import Prompt, read_prompts
+    if args.prompts:
+        return read_prompts(args.prompts)
+    if args.judge != "digits":
+        raise ValueError("--judge nudenet needs --prompts FILE (the built-in prompts are digits)")
+    from mini_safediff.miniature import digits
+    texts = [text for digit in args.harmful_digits for text in digits.eval_prompts(digit)]
+    return [Prompt(text, index=i) for i, text in enumerate(texts)]
+
+
+def prompt(args) -> list:
+    if args.judge == "nudenet" and Path(args.reference).resolve() == BUILTIN_MODEL:
+        raise ValueError("--judge nudenet: give --reference, the unsafe real model that draws the targets")
+    models = cli.model_pairs(args.model or [f"base={BUILTIN_MODEL}"])
+    return prompt_attack(args, models, load_prompts(args), make_judge(args), getattr(torch, args.dtype))
+
+
+SUBCOMMANDS = {"finetune": (parse_finetune_args, finetune), "prompt": (parse_prompt_args, prompt)}
+
+
+def subcommand(argv=None) -> tuple[str, list]:
+    """(the subcommand, its arguments): argv's first word if it names one, else finetune's."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return (argv[0], argv[1:]) if argv and argv[0] in SUBCOMMANDS else ("finetune", argv)
+
+
+def make_parser(argv=None):
+    """The parser of the subcommand that argv names, its defaults those of the --preset that argv names."""
+    kind, argv = subcommand(argv)
+    return make_finetune_parser(argv) if kind == "finetune" else make_prompt_parser(argv)
+
+
+def parse_args(argv=None):
+    kind, argv = subcommand(argv)
+    return SUBCOMMANDS[kind][0](argv)
+
+
+def main(argv=None) -> list:
+    """attack.py's entry point: the snapshot paths (finetune) or the ASR rows (prompt)."""
+    kind, argv = subcommand(argv)
+    parse, run = SUBCOMMANDS[kind]
+    try:
+        return run(parse(argv))
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":
     try:
-        attack(parse_args())
-    except (ValueError, OSError) as e:  # bad input, a missing file, a full or read-only disk: one line
+        main()
+    except (ValueError, OSError, ImportError) as e:  # bad input, a missing file or package: one line
         sys.exit(f"attack.py: {e}")
-    finally:
-        distributed.cleanup()

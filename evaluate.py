@@ -28,6 +28,9 @@ import sys
 import time
 from pathlib import Path
 
+import attack
+import train
+
 from mini_safediff import cli
 from mini_safediff.evaluation.metrics import markdown_table
 from mini_safediff.evaluation.real import REAL_COLUMNS, REAL_JUDGES, real_note, run_real
@@ -80,7 +83,8 @@ def run_study(args):
                          "(mini_safediff/miniature/study.py); pass --model rows to evaluate with other settings")
     started = time.time()
     digests = shipped_digests(plan)  # read once: every expansion of the plan below is keyed by them
-    failed = run_plan(plan, args.runs, workers=args.workers, quiet=args.quiet, digests=digests)
+    failed = run_plan(plan, args.runs, {"train": train.main, "attack": attack.main}, workers=args.workers,
+                      quiet=args.quiet, digests=digests)
     cells = load_cells(plan, args.runs, digests)
     judge = load_judge(device=args.device)
     report = study_report(plan, cells, real_clean_features(judge, plan.harmful_digits), digests)

@@ -20,7 +20,7 @@ import attack  # noqa: E402
 def run(models, data, out, *extra):
     model_options = [option for m in models for option in ("--model", str(m))]
     args = [*model_options, "--harmful-only-data", str(data), "--out", str(out), "--device", "cpu", "--quiet", *extra]
-    return attack.attack(attack.parse_args(args))
+    return attack.finetune(attack.parse_args(args))
 
 
 @torch.no_grad()

@@ -17,16 +17,17 @@ from mini_safediff.models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, Pipel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import attack  # noqa: E402
 import evaluate  # noqa: E402
-import prompt_attack  # noqa: E402
 import train  # noqa: E402
 
-PARSERS = {"train.py": train.make_parser, "attack.py": attack.make_parser, "evaluate.py": evaluate.make_parser,
-           "prompt_attack.py": prompt_attack.make_parser, "sample": sample.make_parser}
+PARSERS = {"train.py": train.make_parser, "attack.py finetune": attack.make_finetune_parser,
+           "evaluate.py": evaluate.make_parser, "attack.py prompt": attack.make_prompt_parser,
+           "sample": sample.make_parser}
 
 
-@pytest.mark.parametrize("script", [attack, evaluate, prompt_attack], ids=["attack", "evaluate", "prompt_attack"])
-def test_repeated_model_options_keep_every_model(script):
-    args = script.parse_args(["--model", "base=weights", "--model", "lt=runs/lt/model"])
+@pytest.mark.parametrize("parse", [attack.parse_args, evaluate.parse_args, lambda argv: attack.parse_args(["prompt", *argv])],
+                         ids=["attack finetune", "evaluate", "attack prompt"])
+def test_repeated_model_options_keep_every_model(parse):
+    args = parse(["--model", "base=weights", "--model", "lt=runs/lt/model"])
     assert cli.model_pairs(args.model) == [("base", "weights"), ("lt", "runs/lt/model")]
 
 
@@ -92,7 +93,7 @@ def test_paper_preset_on_the_built_in_model_says_it_changes_nothing_visible(tmp_
 
 
 def test_attack_names_the_built_in_base_model_it_attacks_by_default(tmp_path, capsys):
-    attack.attack(attack.parse_args(["--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path)]))
+    attack.finetune(attack.parse_args(["--steps", "1", "--device", "cpu", "--quiet", "--out", str(tmp_path)]))
     assert "attacking the built-in base model; pass --model runs/train/model" in capsys.readouterr().out
     assert (tmp_path / "base" / "step-1" / "model" / "model_index.json").is_file()
 

@@ -29,7 +29,7 @@ def train_run(model, data, out, *extra):
 
 
 def attack_run(model, data, out, *extra):
-    attack.attack(attack.parse_args(["--model", f"m={model}", "--harmful-only-data", str(data), "--out", str(out),
+    attack.finetune(attack.parse_args(["--model", f"m={model}", "--harmful-only-data", str(data), "--out", str(out),
                                      "--device", "cpu", "--quiet", "--lr", "1e-3", "--batch-size", "2",
                                      "--grad-accum", str(GRAD_ACCUM), "--checkpoint-every", "3", "--save-at", "2",
                                      *extra]))

@@ -289,7 +289,7 @@ def test_bad_runs_are_refused_with_one_line_and_nothing_mixed(tmp_path, model):
         with pytest.raises(ValueError, match=named):
             train.train(train.parse_args([*common, "--out", str(tmp_path / "run"), "--resume", *changed]))
     with pytest.raises(ValueError, match="not a plain name"):
-        attack.attack(attack.parse_args(["--model", f"../../x={model}", "--harmful-only-data", str(data),
+        attack.finetune(attack.parse_args(["--model", f"../../x={model}", "--harmful-only-data", str(data),
                                          "--out", str(tmp_path / "attack"), "--quiet", "--steps", "1"]))
     assert not (tmp_path / "attack").exists() and not (tmp_path.parent / "x").exists()
 

@@ -15,6 +15,10 @@ from mini_safediff.miniature.report import markdown, study_report, write_report
 from mini_safediff.miniature.study import MODELS, Attack, Model, Plan, expand
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # train.py and attack.py
+import attack  # noqa: E402
+import train  # noqa: E402
+
+ENTRY_POINTS = {"train": train.main, "attack": attack.main}  # what evaluate.py hands the runner
 
 TINY = Plan(models={"base": MODELS["base"], "unseen": MODELS["unseen"], "sld-max": MODELS["sld-max"],
                     "naive": Model(train=("--preset", "miniature", "--lambda", "0", "--steps", "2")),
@@ -29,7 +33,7 @@ TINY = Plan(models={"base": MODELS["base"], "unseen": MODELS["unseen"], "sld-max
 @pytest.fixture(scope="module")
 def tiny_study(tmp_path_factory):
     runs = tmp_path_factory.mktemp("study")
-    failed = runner.run_plan(TINY, runs, workers=0, quiet=True)
+    failed = runner.run_plan(TINY, runs, ENTRY_POINTS, workers=0, quiet=True)
     return runs, failed
 
 
@@ -58,7 +62,7 @@ def test_every_run_is_made_and_judged(tiny_study):
 def test_a_second_call_makes_nothing(tiny_study, monkeypatch):
     runs, _ = tiny_study
     monkeypatch.setattr(runner, "_execute", lambda *a: pytest.fail(f"remade {a[0]}"))
-    assert runner.run_plan(TINY, runs, workers=0, quiet=True) == {}
+    assert runner.run_plan(TINY, runs, ENTRY_POINTS, workers=0, quiet=True) == {}
 
 
 def test_a_changed_setting_is_never_served_from_an_old_run(tiny_study, monkeypatch):
@@ -81,7 +85,7 @@ def test_a_failed_run_fails_what_needs_it(tmp_path):
                                              "bad": Model(train=("--steps", "1", "--lr", "1e300")),
                                              "bad+lt": Model(train=("--steps", "1",), start="bad")},
                                attacks={"strong": TINY.attacks["strong"]})
-    failed = runner.run_plan(plan, tmp_path, workers=0, quiet=True)
+    failed = runner.run_plan(plan, tmp_path, ENTRY_POINTS, workers=0, quiet=True)
     runs = {run.key: run for run in expand(plan)}
     assert {runs[key].model for key in failed} == {"bad", "bad+lt"}
     train = next(key for key in failed if runs[key].kind == "train" and runs[key].model == "bad")
@@ -133,7 +137,7 @@ def test_tables_rows_and_figures(tiny_study, tmp_path):
 def test_a_killed_study_continues_where_it_stopped(tmp_path, monkeypatch):
     plan = dataclasses.replace(TINY, models={name: TINY.models[name] for name in ("unseen", "naive")},
                                attacks={"strong": TINY.attacks["strong"]}, prompt_attack_models=())
-    assert runner.run_plan(plan, tmp_path, workers=0, quiet=True) == {}
+    assert runner.run_plan(plan, tmp_path, ENTRY_POINTS, workers=0, quiet=True) == {}
     root = runner.study_root(tmp_path)
     plan_runs = expand(plan)
     train = next(run for run in plan_runs if run.kind == "train" and run.model == "naive")
@@ -142,9 +146,9 @@ def test_a_killed_study_continues_where_it_stopped(tmp_path, monkeypatch):
     (runner.output_path(root, train) / "done.json").unlink()
     runner.output_path(root, cell).unlink()
     made, execute = [], runner._execute
-    monkeypatch.setattr(runner, "_execute", lambda kind, arguments, folder: made.append(Path(folder)) or
-                        execute(kind, arguments, folder))
-    assert runner.run_plan(plan, tmp_path, workers=0, quiet=True) == {}
+    monkeypatch.setattr(runner, "_execute", lambda kind, arguments, folder, entry_points:
+                        made.append(Path(folder)) or execute(kind, arguments, folder, entry_points))
+    assert runner.run_plan(plan, tmp_path, ENTRY_POINTS, workers=0, quiet=True) == {}
     assert made == [runner.output_path(root, train), runner.output_path(root, cell)]
     assert "--resume" in json.loads((runner.output_path(root, train) / "done.json").read_text())["argv"]
 
@@ -153,7 +157,7 @@ def test_worker_processes_make_the_same_cells_as_this_process(tiny_study, tmp_pa
     runs, _ = tiny_study
     plan = dataclasses.replace(TINY, models={"base": TINY.models["base"]}, attacks={"strong": TINY.attacks["strong"]},
                                prompt_attack_models=())
-    assert runner.run_plan(plan, tmp_path, workers=1, quiet=True) == {}  # one spawned worker process
+    assert runner.run_plan(plan, tmp_path, ENTRY_POINTS, workers=1, quiet=True) == {}  # one spawned worker process
     pooled, here = runner.load_cells(plan, tmp_path), runner.load_cells(plan, runs)  # keys shared with TINY's
     assert pooled.keys() == here.keys() and len(pooled) == 3  # before, after 1 and 2 attack steps
     for key in pooled:

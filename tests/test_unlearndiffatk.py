@@ -1,6 +1,6 @@
-"""UnlearnDiffAtk (methods/unlearndiffatk.py) on a tiny random model: the text encoder's embeddings path, the
+"""UnlearnDiffAtk (attacks/unlearndiffatk.py) on a tiny random model: the text encoder's embeddings path, the
 projection, that the optimisation lowers the attacked model's loss on the target, and that the adversarial
-prompt is made of real tokens; prompt_attack.py's outputs and defaults."""
+prompt is made of real tokens; `attack.py prompt`'s outputs and defaults."""
 import json
 import sys
 from pathlib import Path
@@ -10,12 +10,12 @@ import pytest
 import torch
 from builders import tiny_pipeline
 
-from mini_safediff.methods.unlearndiffatk import (AttackSettings, adversarial_ids, attack_timesteps, project_to_simplex,
+from mini_safediff.attacks.unlearndiffatk import (UnlearnDiffAtkConfig, adversarial_ids, attack_timesteps, project_to_simplex,
                                                   unlearn_diff_attack, word_tokens)
 from mini_safediff.miniature import digits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import prompt_attack  # noqa: E402
+import attack  # noqa: E402
 
 PROMPT = "a handwritten digit seven"
 
@@ -65,7 +65,7 @@ def test_optimisation_lowers_the_attacked_models_loss_on_the_target(monkeypatch)
     monkeypatch.setattr(torch, "randn", lambda *args, **kwargs: noise)
     judged = []
     result = unlearn_diff_attack(pipe, PROMPT, target, lambda text: judged.append(text) or False,
-                                 AttackSettings(iterations=60, timesteps=1), seed=0)
+                                 UnlearnDiffAtkConfig(iterations=60, timesteps=1), seed=0)
     assert not result.success and result.step is None and len(result.losses) == 60
     assert judged[0] == PROMPT and judged[1] == result.adversarial_prompt  # p itself first, then every timestep
     # the first draws are uniform over the vocabulary, the last from what the optimisation kept
@@ -77,7 +77,7 @@ def test_optimisation_lowers_the_attacked_models_loss_on_the_target(monkeypatch)
 def test_adversarial_prompt_is_real_tokens(kind):
     pipe = tiny_pipeline(kind)
     target = np.zeros((16, 16, 3), np.uint8)
-    result = unlearn_diff_attack(pipe, PROMPT, target, lambda text: False, AttackSettings(iterations=3, timesteps=2))
+    result = unlearn_diff_attack(pipe, PROMPT, target, lambda text: False, UnlearnDiffAtkConfig(iterations=3, timesteps=2))
     prefix = result.adversarial_prompt.removesuffix(" " + PROMPT)
     assert prefix != result.adversarial_prompt
     ids = pipe.tokenizer(result.adversarial_prompt)
@@ -91,7 +91,7 @@ def test_success_stops_at_the_first_flagged_judgement(pipe, target):
     assert unlearn_diff_attack(pipe, PROMPT, target, lambda text: True).step == 0
     flags = iter([False, False, True])
     result = unlearn_diff_attack(pipe, PROMPT, target, lambda text: next(flags),
-                                 AttackSettings(iterations=2, timesteps=5))
+                                 UnlearnDiffAtkConfig(iterations=2, timesteps=5))
     assert result.success and result.step == 4 and len(result.losses) == 4
 
 
@@ -103,9 +103,9 @@ def test_refusals_name_the_problem(pipe):
 
 
 def test_script_writes_each_models_prompts_and_asr(model, tmp_path):
-    rows = prompt_attack.main(["--model", f"a={model}", "--model", f"b={model}", "--reference", str(model),
-                               "--iterations", "2", "--timesteps", "2", "--steps", "2", "--device", "cpu", "--quiet",
-                               "--out", str(tmp_path / "out")])
+    rows = attack.main(["prompt", "--model", f"a={model}", "--model", f"b={model}", "--reference", str(model),
+                        "--iterations", "2", "--timesteps", "2", "--steps", "2", "--device", "cpu", "--quiet",
+                        "--out", str(tmp_path / "out")])
     assert [row["model"] for row in rows] == ["a", "b"]
     saved = json.loads((tmp_path / "out" / "a" / "prompt_attack.json").read_text())
     assert [r["prompt"] for r in saved["results"]] == digits.eval_prompts(7)
@@ -118,11 +118,11 @@ def test_script_writes_each_models_prompts_and_asr(model, tmp_path):
 
 
 def test_script_defaults_are_the_authors_and_nudenet_needs_its_inputs():
-    args = prompt_attack.parse_args([])
+    args = attack.parse_args(["prompt"])
     assert (args.tokens, args.iterations, args.timesteps, args.lr, args.weight_decay) == (5, 40, 50, 0.01, 0.1)
     assert (args.steps, args.guidance) == (20, 5.0)
-    assert prompt_attack.parse_args(["--judge", "nudenet"]).steps == 50
+    assert attack.parse_args(["prompt", "--judge", "nudenet"]).steps == 50
     with pytest.raises(ValueError, match="--judge nudenet: give --reference"):
-        prompt_attack.main(["--judge", "nudenet", "--prompts", "p.txt"])
+        attack.main(["prompt", "--judge", "nudenet", "--prompts", "p.txt"])
     with pytest.raises(SystemExit):
-        prompt_attack.parse_args(["--harmful-digits", "7,x"])
+        attack.parse_args(["prompt", "--harmful-digits", "7,x"])

@@ -260,7 +260,7 @@ def markdown(report: dict, plan: Plan) -> str:
         recovery_lines.append(cells)
     out.append(_table(header, recovery_lines))
     if report.get("prompt_attack"):
-        out.append(f"### UnlearnDiffAtk (`prompt_attack.py {' '.join(plan.prompt_attack)}`) before any fine-tuning: "
+        out.append(f"### UnlearnDiffAtk (`attack.py prompt {' '.join(plan.prompt_attack)}`) before any fine-tuning: "
                    "attack success rate (ASR, share of harmful prompts whose image the judge reads as the harmful "
                    "digit, before or during the attack)\n")
         out.append(_table(["model", "ASR", "prompts", "successes without attack"],

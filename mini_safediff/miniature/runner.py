@@ -3,11 +3,12 @@ with one progress bar over the whole plan. Resumable: a finished run is never re
 attack continues from its checkpoint (`--resume`), and every run lives in a folder named by its key (a hash of
 all its settings), so a run made with other settings is never mistaken for it.
 
-    failed = run_plan(PLAN, "runs")          # {key: why} of the runs that failed (and of those that needed them)
+    failed = run_plan(PLAN, "runs", {"train": train.main, "attack": attack.main})   # the scripts' entry points
+                                             # -> {key: why} of the runs that failed (and of those that needed them)
     cells = load_cells(PLAN, "runs")         # evaluation key -> that cell's per-image outcomes
 
 Layout under runs/study/: train/KEY/ (train.py --out), attack/KEY/ (attack.py --out; the attacked model is
-attack/KEY/model/step-N/model), prompt-attack/KEY/ (prompt_attack.py --out), cells/KEY.npz (one judged
+attack/KEY/model/step-N/model), prompt-attack/KEY/ (attack.py prompt --out), cells/KEY.npz (one judged
 evaluation); a `done.json` marks a finished training, attack or prompt attack. Each run's printed output is
 kept in its folder (output.txt; cells/KEY.txt if an evaluation fails).
 """
@@ -15,7 +16,6 @@ import contextlib
 import json
 import multiprocessing
 import os
-import sys
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -26,11 +26,10 @@ from tqdm.auto import tqdm
 
 from ..evaluation.metrics import harmful_probability, read_as_harmful, read_as_prompted
 from ..io import atomic_write, write_json
-from ..methods.esd import ESD_METHODS
+from ..methods.registry import is_data_free
 from . import digits
 from .study import Plan, Run, expand
 
-SCRIPTS = Path(__file__).resolve().parents[2]  # the repository root, where train.py and attack.py are
 ATTACKED = "model"  # attack.py's --model name: the attacked weights are attack/KEY/model/step-N/model
 
 
@@ -65,27 +64,27 @@ def model_weights(plan: Plan, root: Path, run: Run) -> tuple[str, str | None]:
 
 
 def job(plan: Plan, root: Path, data: dict, run: Run) -> tuple:
-    """(kind, arguments, folder) that _execute runs in a worker: argv of train.py / attack.py / prompt_attack.py,
-    or an evaluation."""
+    """(kind, arguments, folder) that _execute runs in a worker: the argv of the entry point "train" (train.py) or
+    "attack" (attack.py finetune | prompt), or an evaluation's settings (kind "evaluate")."""
     folder = output_path(root, run)
     model = plan.models[run.model]
     if run.kind == "prompt-attack":
         path, unet = model_weights(plan, root, run)
-        return "prompt_attack", [*plan.prompt_attack, "--model", f"{ATTACKED}={path}",
+        return "attack", ["prompt", *plan.prompt_attack, "--model", f"{ATTACKED}={path}",
                                  *(["--unet", unet] if unet else []), "--reference", plan.base,
                                  "--harmful-digits", ",".join(map(str, plan.harmful_digits)), "--out", str(folder),
                                  "--quiet"], folder
     if run.kind == "train":
         start = ["--model", str(root / "train" / run.needs[0] / "model")] if run.needs else []
         methods = [value for option, value in zip(model.train, model.train[1:]) if option == "--method"]
-        data_free = bool(methods) and methods[-1] in ESD_METHODS  # ESD erases a concept given as text, no rows
+        data_free = bool(methods) and is_data_free(methods[-1])  # ESD erases a concept given as text, no rows
         return "train", [*model.train, *start, *([] if data_free else ["--data", data["harmful"]]),
                          "--out", str(folder), "--seed", str(run.train_seed), "--quiet", "--resume"], folder
     if run.kind == "attack":
         attack = plan.attacks[run.attack]
         path, unet = model_weights(plan, root, run)
         attacked = [step for step in attack.snapshots if step > 0]
-        return "attack", [*attack.args, "--model", f"{ATTACKED}={path}", *(["--unet", unet] if unet else []),
+        return "attack", ["finetune", *attack.args, "--model", f"{ATTACKED}={path}", *(["--unet", unet] if unet else []),
                           "--data", data[attack.rows], "--steps", str(max(attacked)),
                           "--save-at", ",".join(map(str, attacked)), "--out", str(folder),
                           "--seed", str(run.attack_seed), "--quiet", "--resume"], folder
@@ -124,7 +123,7 @@ def evaluate_cell(spec: dict) -> dict:
             "broken": np.array(judged["broken"] or "")}
 
 
-def _execute(kind: str, arguments, folder: Path) -> str | None:
+def _execute(kind: str, arguments, folder: Path, entry_points: dict) -> str | None:
     """Run one job; None when it finished, else why not (its output's last lines). Its printed output goes to a
     file, so that the only thing on the terminal is the study's progress bar."""
     folder = Path(folder)
@@ -136,13 +135,7 @@ def _execute(kind: str, arguments, folder: Path) -> str | None:
                 cell = evaluate_cell(arguments)
                 atomic_write(folder, lambda tmp: _save_npz(tmp, cell))
             else:
-                if str(SCRIPTS) not in sys.path:
-                    sys.path.insert(0, str(SCRIPTS))
-                script = __import__(kind)  # train.py, attack.py, prompt_attack.py: the very scripts a user runs
-                if kind == "prompt_attack":
-                    script.main(arguments)
-                else:
-                    getattr(script, kind)(script.parse_args(arguments))
+                entry_points[kind](arguments)  # train.py's or attack.py's main: the very scripts a user runs
                 write_json(folder / "done.json", {"argv": arguments})
         except BaseException as error:  # SystemExit included: a script's own error message
             if isinstance(error, KeyboardInterrupt):
@@ -172,10 +165,12 @@ def _init_worker(threads: int):
     torch.set_num_threads(threads)
 
 
-def run_plan(plan: Plan, runs="runs", workers: int = 2, quiet: bool = False, digests: dict | None = None) -> dict:
+def run_plan(plan: Plan, runs, entry_points: dict, workers: int = 2, quiet: bool = False,
+             digests: dict | None = None) -> dict:
     """Make every run of the plan that is not made yet; returns {key: why} for the runs that failed or could not
-    start because a run they need failed. workers: processes (each with cpu_count // workers threads); 0 runs
-    everything in this process."""
+    start because a run they need failed. entry_points: {"train": train.py's main, "attack": attack.py's main},
+    each called with an argv list (the package never imports a script: the caller hands them in). workers:
+    processes (each with cpu_count // workers threads); 0 runs everything in this process."""
     root = study_root(runs)
     runs_list = expand(plan, digests)
     data = data_folders(plan, root)
@@ -189,7 +184,7 @@ def run_plan(plan: Plan, runs="runs", workers: int = 2, quiet: bool = False, dig
             if blocked:
                 failed[run.key] = f"needs a run that failed ({blocked[0]})"
             else:
-                why = _execute(*job(plan, root, data, run))
+                why = _execute(*job(plan, root, data, run), entry_points)
                 if why:
                     failed[run.key] = why
                     _say_failed(run, why)
@@ -207,7 +202,7 @@ def run_plan(plan: Plan, runs="runs", workers: int = 2, quiet: bool = False, dig
                     todo.remove(run)
                     bar.update(1)
                 elif all(key in done for key in run.needs) and len(running) < 2 * workers:
-                    running[pool.submit(_execute, *job(plan, root, data, run))] = run
+                    running[pool.submit(_execute, *job(plan, root, data, run), entry_points)] = run
                     todo.remove(run)
             if not running:  # expand() orders every run after those it needs, so something is always ready
                 raise RuntimeError(f"no study run can start: {todo[0]} waits for runs that are not in the plan")

@@ -126,7 +126,7 @@ class Plan:
     image_seed: int = 0  # image j of prompt i gets seed image_seed + n * i + j: the same noise in every cell
     harmful_digits: tuple = (7,)
     safety_concept: str = SEVEN  # what the SLD rows steer away from (SLD's own default names I2P's categories)
-    # UnlearnDiffAtk (prompt_attack.py: its defaults but 10 of the 50 timesteps, 400 iterations a prompt, the
+    # UnlearnDiffAtk (attack.py prompt: its defaults but 10 of the 50 timesteps, 400 iterations a prompt, the
     # schedule docs/baselines.md measured; the full one costs 5x) on each of these models before any attack,
     # every training seed. Not the SLD rows: the prompt attack has no sampling-time guidance.
     prompt_attack: tuple = ("--timesteps", "10")

@@ -39,7 +39,7 @@ from ..training.steps import diffusion_loss
 
 
 @dataclass(frozen=True)
-class AttackSettings:
+class UnlearnDiffAtkConfig:
     tokens: int = 5  # k, prepended to the prompt
     iterations: int = 40  # per timestep; the prompt is judged after each timestep's iterations
     timesteps: int = 50  # T
@@ -118,7 +118,7 @@ def target_latents(pipe, image: np.ndarray) -> torch.Tensor:
 
 
 def unlearn_diff_attack(pipe, prompt: str, target: np.ndarray, is_harmful: Callable[[str], bool],
-                        settings: AttackSettings = AttackSettings(), seed: int = 0,
+                        config: UnlearnDiffAtkConfig = UnlearnDiffAtkConfig(), seed: int = 0,
                         progress: bool = False) -> AttackResult:
     """Attack `pipe` (SD 1 / 2) on one prompt. target: the reference's image for it, uint8 (H, W, 3) at pipe's
     resolution; is_harmful(text): generate with text and judge. `seed` draws the tokens and the noise. The
@@ -135,22 +135,22 @@ def unlearn_diff_attack(pipe, prompt: str, target: np.ndarray, is_harmful: Calla
     vocabulary = word_tokens(pipe.tokenizer).to(device)
     token_embedding = pipe.text_encoder.text_model.embeddings.token_embedding
     table = token_embedding.weight[vocabulary].detach().float()  # (V, D): the words the prefix is drawn from
-    weights = torch.full((settings.tokens, len(vocabulary)), 1 / len(vocabulary), device=device,
+    weights = torch.full((config.tokens, len(vocabulary)), 1 / len(vocabulary), device=device,
                          requires_grad=True)
-    optimizer = torch.optim.Adam([weights], lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.Adam([weights], lr=config.lr, weight_decay=config.weight_decay)
     # The prompt's token embeddings with any k words in front: those k rows are replaced at every iteration.
-    around = token_embedding(adversarial_ids(pipe.tokenizer, vocabulary[:settings.tokens].tolist(), prompt)
+    around = token_embedding(adversarial_ids(pipe.tokenizer, vocabulary[:config.tokens].tolist(), prompt)
                              .to(device)).detach()
     z0 = target_latents(pipe, target)
     generator = torch.Generator(device).manual_seed(seed)
     losses = []
-    timesteps = attack_timesteps(pipe.schedule.config.num_train_timesteps, settings.timesteps)
-    bar = tqdm(total=len(timesteps) * settings.iterations, disable=not progress, desc="UnlearnDiffAtk")
+    timesteps = attack_timesteps(pipe.schedule.config.num_train_timesteps, config.timesteps)
+    bar = tqdm(total=len(timesteps) * config.iterations, disable=not progress, desc="UnlearnDiffAtk")
     for t in timesteps:
         t = torch.tensor([t], device=device)
-        for _ in range(settings.iterations):
+        for _ in range(config.iterations):
             prefix = DrawnOneHot.apply(weights, generator) @ table  # (k, D)
-            embeds = torch.cat([around[:, :1], prefix[None].to(around.dtype), around[:, 1 + settings.tokens:]], 1)
+            embeds = torch.cat([around[:, :1], prefix[None].to(around.dtype), around[:, 1 + config.tokens:]], 1)
             noise = torch.randn(z0.shape, generator=generator, device=device, dtype=z0.dtype)
             pred = pipe.unet(pipe.schedule.add_noise(z0, noise, t), t, pipe.text_encoder(inputs_embeds=embeds))
             loss = diffusion_loss(pred, z0, noise, t, pipe.schedule)
