@@ -82,7 +82,11 @@ def test_timesteps_equal_diffusers(sampler, spacing):
     schedule, ref = NoiseSchedule(config_from_dict(SchedulerConfig, raw)), ref_class.from_config(raw)
     for steps in [1, 2, 3, 7, 10, 20, 25, 50, 100, 999, 1000]:
         ref.set_timesteps(steps)
-        assert samplers.timesteps(schedule, steps, skip_last) == ref.timesteps.tolist(), steps
+        if ref.timesteps[0] >= schedule.config.num_train_timesteps:  # diffusers would fail at its first step
+            with pytest.raises(ValueError, match="past the schedule"):
+                samplers.timesteps(schedule, steps, skip_last)
+        else:
+            assert samplers.timesteps(schedule, steps, skip_last) == ref.timesteps.tolist(), steps
 
 
 def test_eta_noise_follows_the_generator():
@@ -102,3 +106,15 @@ def test_bad_arguments_are_refused(sampler):
     if sampler == "ddim":
         with pytest.raises(ValueError, match="eta must be >= 0, got -0.1"):
             sample(FakeModel(), latents, schedule, 5, eta=-0.1, progress=False)
+
+
+def test_a_step_count_past_the_schedule_is_refused_by_name():
+    """Leading spacing with steps_offset 1 (SD's scheduler) at steps = 1000 would start at t = 1000, one past the
+    schedule (diffusers reads past it and fails with an IndexError)."""
+    from mini_safediff.models.samplers import timesteps
+    from mini_safediff.models.schedule import NoiseSchedule, SchedulerConfig
+
+    schedule = NoiseSchedule(SchedulerConfig(steps_offset=1, timestep_spacing="leading"))
+    assert timesteps(schedule, 999)[0] == 999
+    with pytest.raises(ValueError, match="steps 1000 would start at t = 1000, past the schedule's 1000 timesteps"):
+        timesteps(schedule, 1000)

@@ -27,7 +27,11 @@ def timesteps(schedule: NoiseSchedule, steps: int, skip_last: bool = False) -> l
         ts = np.round(np.arange(n_train, 0, -n_train / steps)) - 1
     # [:steps]: for some step counts (61, 103, ...) float arange yields one more point, t = -1, which
     # diffusers keeps (and then reads abar[-1]); we drop it.
-    return ts.astype(np.int64)[:steps].tolist()
+    ts = ts.astype(np.int64)[:steps]
+    if ts[0] >= n_train:  # "leading" with steps_offset 1 at steps = n_train: diffusers reads past the schedule
+        raise ValueError(f"steps {steps} would start at t = {ts[0]}, past the schedule's {n_train} timesteps "
+                         f"({spacing} spacing, steps_offset {config.steps_offset}): use fewer steps")
+    return ts.tolist()
 
 
 def _randn_like(x: torch.Tensor, generator) -> torch.Tensor:
@@ -49,7 +53,7 @@ def ddim(model_fn, latents: torch.Tensor, schedule: NoiseSchedule, steps: int, e
     final_abar = torch.tensor(1.0) if schedule.config.set_alpha_to_one else abar[0]
     stride = schedule.config.num_train_timesteps // steps  # diffusers steps back by this for every spacing
     x = latents
-    for t in tqdm(ts[:stop_after], disable=not progress):
+    for t in tqdm(ts[:stop_after], disable=not progress, desc="sampling (DDIM)", leave=False):
         t_device = torch.tensor(t, device=x.device)
         out = model_fn(x, t_device)
         x0, eps = schedule.predict_x0(x, out, t_device), schedule.predict_eps(x, out, t_device)
@@ -77,7 +81,7 @@ def dpmpp_2m(model_fn, latents: torch.Tensor, schedule: NoiseSchedule, steps: in
     lam = alpha.log() - sigma.log()
     x = latents
     x0_prev = h_prev = None
-    for i, t in enumerate(tqdm(ts, disable=not progress)):
+    for i, t in enumerate(tqdm(ts, disable=not progress, desc="sampling (DPM++ 2M)", leave=False)):
         t_device = torch.tensor(t, device=x.device)
         out = model_fn(x, t_device)
         x0 = schedule.predict_x0(x, out, t_device)
