@@ -15,7 +15,7 @@ import torch
 from . import cpu_speedups, ldm
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from .config import config_from_dict, read_config
-from .pipeline import Pipeline
+from .pipeline import BUILTIN_MODEL, Pipeline, as_dtype
 from .schedule import NoiseSchedule, SchedulerConfig
 from .tokenizer import CLIPTokenizer
 from .unet import UNet2DConditionModel, UNetConfig
@@ -118,17 +118,18 @@ def _load_single_file(path: Path, dtype, prediction_type) -> Pipeline:
            if "text_encoder_2" in parts else {}))
 
 
-def load_pipeline(path, device=None, dtype=None, unet=None, prediction_type=None) -> Pipeline:
-    """Load a diffusers folder or a single `.safetensors`/`.ckpt` file.
+def load_pipeline(path=None, device=None, dtype=None, unet=None, prediction_type=None) -> Pipeline:
+    """Load a diffusers folder or a single `.safetensors`/`.ckpt` file (path None: the built-in tiny model,
+    BUILTIN_MODEL, from any working folder).
 
     unet: optional UNet weights (folder or file, diffusers or LDM keys) loaded over the base model,
         e.g. an erased "safe" UNet for safety reinforcement.
     prediction_type: "epsilon" or "v_prediction"; overrides the scheduler config (needed for single
         files of v-models such as SD 2.x 768, which the weights cannot reveal).
-    device: defaults to CUDA when available. dtype: defaults to float32.
+    device: defaults to CUDA when available. dtype: defaults to float32; a torch dtype or its name ("float16").
     """
-    path = Path(path)
-    dtype = dtype or torch.float32
+    path = Path(BUILTIN_MODEL if path is None else path)
+    dtype = as_dtype(dtype) or torch.float32
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if path.is_dir():
         pipe = _load_folder(path, dtype)

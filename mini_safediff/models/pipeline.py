@@ -2,6 +2,7 @@
 either layout (loading: loading.py).
 
     images = pipe.generate(["a photo of a cat"], seed=0)        # uint8 (N, H, W, 3)
+    image = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=7.5).images[0]   # as diffusers: PIL
     pipe.save("out/model")                                      # diffusers layout
     pipe.save("out/model.safetensors")                          # one LDM single file
 """
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..io import atomic_folder, write_json
 from . import ldm, samplers
@@ -31,6 +33,27 @@ DEFAULT_GUIDANCE = 7.5
 SAMPLERS = {"ddim": samplers.ddim, "dpmpp-2m": samplers.dpmpp_2m}
 # VAE decoding of a batch goes in slices of this many output pixels (4 images at 512x512).
 DECODE_SLICE_PIXELS = 2**20
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16"}
+
+
+def as_dtype(dtype) -> torch.dtype | None:
+    """A torch dtype, or its name as people type it ("float16", "torch.float16", "fp16", "bf16")."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    name = str(dtype).removeprefix("torch.")
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass
+class PipelineOutput:
+    """What calling a Pipeline returns, as diffusers' StableDiffusionPipelineOutput: `.images`, PIL images."""
+    images: list
 
 
 def start_noise(shape, seeds) -> torch.Tensor:
@@ -65,7 +88,14 @@ class Pipeline:
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def to(self, device=None, dtype=None) -> "Pipeline":
+    def to(self, *device_or_dtype, device=None, dtype=None) -> "Pipeline":
+        """As diffusers': pipe.to("cuda"), pipe.to(torch.float16), pipe.to("cpu", "bfloat16"), or by keyword."""
+        for value in device_or_dtype:
+            if isinstance(value, torch.dtype) or str(value).removeprefix("torch.") in {**DTYPES, **DTYPE_ALIASES}:
+                dtype = value
+            else:
+                device = value
+        dtype = as_dtype(dtype)
         for model in (self.unet, self.vae, self.text_encoder, self.text_encoder_2):
             if model is not None:
                 model.to(device=device, dtype=dtype)
@@ -113,6 +143,22 @@ class Pipeline:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def __call__(self, prompt, negative_prompt=None, num_inference_steps=DEFAULT_STEPS,
+                 guidance_scale=DEFAULT_GUIDANCE, num_images_per_prompt=1, height=None, width=None, seed=None,
+                 output_type="pil", **generate_options) -> PipelineOutput:
+        """diffusers' call: a prompt or a list of them -> `.images`, PIL images ("pil") or uint8 arrays ("np");
+        image i of the flattened list is seeded `seed + i` as in generate (seed None: a random one). Any other
+        keyword is generate's (sampler, eta, batch_size, latents, guidance_hook, progress)."""
+        if output_type not in ("pil", "np"):
+            raise ValueError(f"output_type {output_type!r}: choose pil or np")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if isinstance(negative_prompt, (list, tuple)):
+            negative_prompt = [text for text in negative_prompt for _ in range(num_images_per_prompt)]
+        images = self.generate([text for text in prompts for _ in range(num_images_per_prompt)],
+                               negative_prompt=negative_prompt, steps=num_inference_steps, guidance=guidance_scale,
+                               seed=seed, height=height, width=width, **generate_options)
+        return PipelineOutput([Image.fromarray(image) for image in images] if output_type == "pil" else list(images))
 
     @torch.no_grad()
     def generate(self, prompts, negative_prompt=None, steps=DEFAULT_STEPS, guidance=DEFAULT_GUIDANCE, seed=None,
