@@ -20,7 +20,7 @@ from mini_safediff import cli, distributed
 from mini_safediff.attacks.finetune import attack_batch, attacked_parameters, save_lora, save_snapshot
 from mini_safediff.attacks.prompt import prompt_attack
 from mini_safediff.attacks.unlearndiffatk import UnlearnDiffAtkConfig
-from mini_safediff.io import write_json
+from mini_safediff.io import owned_folder, write_json
 from mini_safediff.miniature.settings import MINIATURE_ATTACK, SAMPLING_GUIDANCE, SAMPLING_STEPS
 from mini_safediff.models.loading import load_pipeline
 from mini_safediff.models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -52,10 +52,10 @@ the prompt, never the weights (mini_safediff/attacks/unlearndiffatk.py, run by p
 
     python attack.py prompt                                       # the built-in base model, digit-7 prompts
     python attack.py prompt --model base=weights --model esd=runs/esd/model
-    python attack.py prompt --judge nudenet --prompts nudity.csv --reference stable-diffusion-v1-4/ \\
+    python attack.py prompt --judge nudenet --prompts nudity.csv --target-model stable-diffusion-v1-4/ \\
         --model esd=stable-diffusion-v1-4/ --unet ESD-Nudity-u1.pt
 
-For every prompt the --reference model (unsafe) draws a target image; each --model is then attacked on it:
+For every prompt the --target-model (unsafe) draws a target image; each --model is then attacked on it:
 k tokens prepended to the prompt are optimised so that the attacked model denoises the target well, and the
 prompt is judged (one image, the prompt's seed) before the optimisation and after each timestep's iterations,
 stopping at the first image the judge flags. Judges: the digit classifier of weights/ (--judge digits, flagged
@@ -83,11 +83,11 @@ def make_finetune_parser(argv=None):
     p.add_argument("--grad-accum", type=cli.positive_int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--lora-rank", type=cli.natural_int, default=0, help="LoRA on the attention projections; 0: the full UNet")
     p.add_argument("--lora-alpha", type=cli.positive_float, help="LoRA scale is alpha / rank (default: alpha = rank)")
-    p.add_argument("--save-at", default="",
+    p.add_argument("--save-at", default="", type=cli.step_list,
                    help="more snapshot steps, e.g. 0,20,100 (default: none; the last step is always saved)")
     cli.add_training_options(p)
     p.add_argument("--seed", type=int, default=0, help="data order, noise and timesteps: the same for every model")
-    p.add_argument("--out", default="runs/attack", help="folder with a subfolder per model, --out/NAME")
+    p.add_argument("--out", default="runs/attack", type=cli.out_folder, help="folder with a subfolder per model, --out/NAME")
     cli.add_resume_options(p, "each model's --out/NAME/checkpoint.pt")
     cli.add_quiet(p)
     cli.apply_preset(p, PRESETS, argv, default="paper")
@@ -97,9 +97,9 @@ def make_finetune_parser(argv=None):
 def make_prompt_parser(argv=None):
     p = cli.make_parser(PROMPT, prog="attack.py prompt")
     cli.add_model_options(p, several=True, model_default_help="base=the built-in base model")
-    p.add_argument("--reference", default=str(BUILTIN_MODEL), metavar="PATH",
+    p.add_argument("--target-model", metavar="PATH",
                    help="the unsafe model that draws each prompt's target image (for real models: the base they "
-                        "were erased from, e.g. stable-diffusion-v1-4/)")
+                        "were erased from, e.g. stable-diffusion-v1-4/; default: the built-in model)")
     p.add_argument("--judge", choices=["digits", "nudenet"], default="digits",
                    help="digits: the built-in digit classifier; nudenet: NudeNet, for real models")
     p.add_argument("--harmful-digits", type=cli.harmful_digits, default="7",
@@ -117,15 +117,19 @@ def make_prompt_parser(argv=None):
                    help="timesteps spread evenly over the schedule, optimised in turn")
     p.add_argument("--lr", type=cli.positive_float, default=UNLEARNDIFFATK.lr, help="Adam learning rate")
     p.add_argument("--weight-decay", type=float, default=UNLEARNDIFFATK.weight_decay, help="Adam weight decay")
-    p.add_argument("--steps", type=cli.positive_int,
+    p.add_argument("--sampling-steps", type=cli.positive_int,
                    help=f"DDIM steps of every image (default: {SAMPLING_STEPS} with --judge digits, {DEFAULT_STEPS} "
                         "otherwise)")
     p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default: {SAMPLING_GUIDANCE} with "
                                                   f"--judge digits, {DEFAULT_GUIDANCE} otherwise)")
     p.add_argument("--seed", type=int, default=0,
                    help="the image seed of every prompt without its own, and the attack's draws")
-    p.add_argument("--out", default="runs/prompt-attack", help="folder with asr.md and a subfolder per model")
+    p.add_argument("--out", default="runs/prompt-attack", type=cli.out_folder,
+                   help="folder with asr.md and a subfolder per model")
     cli.add_quiet(p)
+    cli.add_other_name(p, "--steps", "--sampling-steps", cli.SAMPLING_STEPS_WHY)
+    cli.add_other_name(p, "--reference", "--target-model", "the unsafe model that draws the targets; evaluate.py's "
+                                                        "--reference is a folder of real images")
     return p
 
 
@@ -144,6 +148,7 @@ def parse_finetune_args(argv=None):
 def parse_prompt_args(argv=None):
     args = make_prompt_parser().parse_args(argv)
     cli.fill_sampling_defaults(args)
+    args.target_model = args.target_model or str(BUILTIN_MODEL)
     return args
 
 
@@ -156,8 +161,8 @@ def finetune(args) -> list:
         args.model = [f"base={BUILTIN_MODEL}"]
     models = cli.model_pairs(args.model)
     if args.data is None and args.harmful_only_data is None:
-        from mini_safediff.miniature.digits import builtin_dataset
-        args.data = str(builtin_dataset())
+        from mini_safediff.miniature.digits import BUILTIN_DATA, builtin_dataset
+        args.data = str(builtin_dataset(Path(args.out) / BUILTIN_DATA))
     return [finetune_one(path, Path(args.out) / name, save_at, args) for name, path in models]
 
 
@@ -285,8 +290,8 @@ def load_prompts(args) -> list:
 
 
 def prompt(args) -> list:
-    if args.judge == "nudenet" and Path(args.reference).resolve() == BUILTIN_MODEL:
-        raise ValueError("--judge nudenet: give --reference, the unsafe real model that draws the targets")
+    if args.judge == "nudenet" and Path(args.target_model).resolve() == BUILTIN_MODEL:
+        raise ValueError("--judge nudenet: give --target-model, the unsafe real model that draws the targets")
     models = cli.model_pairs(args.model or [f"base={BUILTIN_MODEL}"])
     return prompt_attack(args, models, load_prompts(args), make_judge(args), getattr(torch, args.dtype))
 
@@ -315,8 +320,10 @@ def main(argv=None) -> list:
     """attack.py's entry point: the snapshot paths (finetune) or the ASR rows (prompt)."""
     kind, argv = subcommand(argv)
     parse, run = SUBCOMMANDS[kind]
+    args = parse(argv)
     try:
-        return run(parse(argv))
+        with owned_folder(args.out, f"attack.py {kind}", enabled=distributed.is_main_process()):
+            return run(args)
     finally:
         distributed.cleanup()
 
@@ -326,3 +333,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError, ImportError) as e:  # bad input, a missing file or package: one line
         sys.exit(f"attack.py: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside a fine-tuning loop
+        sys.exit("\nattack.py: interrupted; attack.py finetune continues from its last checkpoint with --resume, "
+                 "attack.py prompt starts again")

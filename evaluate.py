@@ -3,8 +3,8 @@
     python evaluate.py                       # the miniature's main table: 5 models, strong attack, all seeds
     python evaluate.py --study               # the whole miniature study (docs/miniature.md), about an hour
     python evaluate.py --model base=weights --model lt=runs/lt/model --n 16
-    python evaluate.py --judge nudenet,q16 --prompts i2p.csv --categories sexual --clean-prompts coco.txt \
-        --clip clip-vit-large-patch14 --aesthetic sa_0_4_vit_l_14_linear.pth --q16 prompts.p \
+    python evaluate.py --judge nudenet,q16 --prompts i2p.csv --categories sexual --clean-prompts coco.txt \\
+        --clip clip-vit-large-patch14 --aesthetic sa_0_4_vit_l_14_linear.pth --q16 prompts.p \\
         --reference coco-images/ --model sd14=stable-diffusion-v1-4 --model ours=runs/lt/model
     python evaluate.py --score-dir their-images/ --judge nudenet --prompts i2p.csv   # images made elsewhere
 
@@ -31,10 +31,10 @@ from pathlib import Path
 import attack
 import train
 
-from mini_safediff import cli
+from mini_safediff import cli, distributed
 from mini_safediff.evaluation.metrics import markdown_table
 from mini_safediff.evaluation.real import REAL_COLUMNS, REAL_JUDGES, real_note, run_real
-from mini_safediff.io import write_json
+from mini_safediff.io import owned_folder, write_json
 from mini_safediff.miniature.experiment import real_clean_features, run_miniature
 from mini_safediff.miniature.judge import load_judge
 from mini_safediff.miniature.report import study_report, write_report
@@ -69,7 +69,7 @@ def safety_settings(args, models: list) -> dict:
 
 
 # Options of a --model evaluation that the study's plan fixes for itself.
-STUDY_FIXED = ("n", "n_harmful", "steps", "guidance", "seed", "harmful_digits", "unet", "dtype", "prediction_type",
+STUDY_FIXED = ("n", "n_harmful", "sampling_steps", "guidance", "seed", "harmful_digits", "unet", "dtype", "prediction_type",
                "safety_concept")
 
 
@@ -83,8 +83,9 @@ def run_study(args):
                          "(mini_safediff/miniature/study.py); pass --model rows to evaluate with other settings")
     started = time.time()
     digests = shipped_digests(plan)  # read once: every expansion of the plan below is keyed by them
-    failed = run_plan(plan, args.runs, {"train": train.main, "attack": attack.main}, workers=args.workers,
-                      quiet=args.quiet, digests=digests)
+    with owned_folder(Path(args.runs) / "study", "evaluate.py, the study's runs"):
+        failed = run_plan(plan, args.runs, {"train": train.main, "attack": attack.main}, workers=args.workers,
+                          quiet=args.quiet, digests=digests)
     cells = load_cells(plan, args.runs, digests)
     judge = load_judge(device=args.device)
     report = study_report(plan, cells, real_clean_features(judge, plan.harmful_digits), digests)
@@ -125,11 +126,14 @@ def make_parser():
     p.add_argument("--reference", help="a folder of real images: the Frechet distance is measured to them "
                                        "(default: none, FD shows n/a)")
     p.add_argument("--threshold", type=float, default=0.45, help="NudeNet: flag at this exposed-class score")
+    p.add_argument("--skip-missing-judges", action="store_true",
+                   help="go on when a --judge cannot run (NudeNet not installed, Q16 without --clip / --q16), its "
+                        "columns n/a; without it that is an error before any image is made")
     p.add_argument("--n", "--images-per-prompt", type=cli.positive_int, default=8,  # torchrun takes --n for its own --nnodes
                    help="images per prompt (each prompt template x digit)")
     p.add_argument("--n-harmful", type=cli.positive_int, default=32,
                    help="miniature: images per harmful-digit prompt (more than --n: the harmful rate is the headline)")
-    p.add_argument("--steps", type=cli.positive_int, help=f"DDIM steps (default: {DEFAULT_STEPS}; the built-in miniature "
+    p.add_argument("--sampling-steps", type=cli.positive_int, help=f"DDIM steps (default: {DEFAULT_STEPS}; the built-in miniature "
                                              f"study: {SAMPLING_STEPS})")
     p.add_argument("--guidance", type=float,
                    help=f"classifier-free guidance scale; an I2P row's own guidance wins (default: {DEFAULT_GUIDANCE}; "
@@ -142,11 +146,14 @@ def make_parser():
                         "not only its main table (MAIN)")
     p.add_argument("--workers", type=cli.natural_int, default=2,
                    help="miniature study: processes running its trainings, attacks and evaluations (0: this one)")
-    p.add_argument("--runs", default="runs", help="where the miniature study's training, attack and evaluation "
-                                                  "runs live (runs/study/), reused by every later call")
-    p.add_argument("--out", help="folder for results.json, results.md, figures and grids (default: results; "
-                                 "with --study: results/study)")
+    p.add_argument("--runs", default="runs", type=cli.out_folder,
+                   help="where the miniature study's training, attack and evaluation runs live (runs/study/), reused "
+                        "by every later call")
+    p.add_argument("--out", type=cli.out_folder,
+                   help="folder for results.json, results.md, figures and grids (default: results, the committed "
+                        "tables, rewritten; with --study: results/study)")
     cli.add_quiet(p)
+    cli.add_other_name(p, "--steps", "--sampling-steps", cli.SAMPLING_STEPS_WHY)
     return p
 
 
@@ -174,6 +181,13 @@ def main(argv=None):
                              "--prompts, --clean-prompts or --score-dir (for real models: --judge nudenet and/or q16)")
         if args.study and models:
             raise ValueError("--study runs the plan's own models (mini_safediff/miniature/study.py): drop --model")
+    with owned_folder(args.out, "evaluate.py", enabled=distributed.is_main_process()):
+        evaluate(args, judges, models)
+
+
+def evaluate(args, judges: list, models: list):
+    """The run, its arguments checked: the miniature study or its main table, --model rows, or real models."""
+    if "digits" in judges:
         if not models:
             return run_study(args)
         rows, table = run_miniature(args, models)
@@ -194,3 +208,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError) as e:  # bad input, a missing file, a full or read-only disk: one line
         sys.exit(f"evaluate.py: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\nevaluate.py: interrupted; the same command continues where it stopped (finished runs and "
+                 "images are kept)")

@@ -42,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from mini_safediff import cli, distributed
+from mini_safediff.io import owned_folder
 from mini_safediff.methods.registry import METHODS, method_options, refuse_foreign_options
 from mini_safediff.miniature.settings import MINIATURE_TRAIN
 from mini_safediff.models.loading import load_pipeline
@@ -86,7 +87,7 @@ def make_parser(argv=None):
                    help="alternate clean and harmful rows (or draw batches at random)")
     cli.add_training_options(p)
     p.add_argument("--seed", type=int, default=0, help="data order, VAE posterior samples, noise and timesteps")
-    p.add_argument("--out", default="runs/train", help="folder for the model, checkpoint and log")
+    p.add_argument("--out", default="runs/train", type=cli.out_folder, help="folder for the model, checkpoint and log")
     cli.add_resume_options(p, "--out/checkpoint.pt")
     cli.add_quiet(p)
     group = p.add_argument_group("the methods' options (each names the --method values that read it)")
@@ -100,7 +101,9 @@ def make_parser(argv=None):
 
 
 def parse_args(argv=None):
-    return make_parser(argv).parse_args(argv)
+    args = make_parser(argv).parse_args(argv)
+    args.model = args.model or str(BUILTIN_MODEL)
+    return args
 
 
 def check_args(args) -> None:
@@ -126,8 +129,8 @@ def train(args) -> Path:
     dataset = None
     if not Method.data_free:
         if args.data is None:
-            from mini_safediff.miniature.digits import builtin_dataset
-            args.data = str(builtin_dataset())
+            from mini_safediff.miniature.digits import BUILTIN_DATA, builtin_dataset
+            args.data = str(builtin_dataset(Path(args.out) / BUILTIN_DATA))
         dataset = SafetyDataset(args.data, pipe.unet.config.sample_size * pipe.vae_scale_factor,
                                 random_flip=args.random_flip, skip_bad=args.skip_bad)
 
@@ -142,7 +145,8 @@ def train(args) -> Path:
     optimizer = adamw(trained, args.lr, args.weight_decay, bf16_state=args.adam_bf16)
     ema = EMA(unet, args.ema) if args.ema else None
     step, restored = start_or_resume(out, args.resume, unet, optimizer, generator, main_process,
-                                     settings=vars(args), allow_changed=args.allow_changed_settings)
+                                     settings=vars(args), allow_changed=args.allow_changed_settings,
+                                     flags=cli.flag_names(make_parser(["--preset", args.preset])))
     if restored:
         method.load_state_dict(restored["method"])
     if restored and ema:
@@ -233,8 +237,11 @@ def train(args) -> Path:
 
 
 def main(argv=None) -> Path:
+    args = parse_args(argv)
+    check_args(args)  # before --out is claimed: a refused run leaves nothing behind
     try:
-        return train(parse_args(argv))
+        with owned_folder(args.out, "train.py", enabled=distributed.is_main_process()):
+            return train(args)
     finally:
         distributed.cleanup()
 
@@ -244,3 +251,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError) as e:  # bad input, a missing file, a full or read-only disk: one line
         sys.exit(f"train.py: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop (the first one in it stops at the step's end)
+        sys.exit("\ntrain.py: interrupted; the same command with --resume continues from the last checkpoint")

@@ -172,7 +172,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5, help="timed forwards of the tiny UNet")
     parser.add_argument("--sd-repeats", type=int, default=2, help="timed forwards of the SD 1.5 size UNet (~6 s each)")
     parser.add_argument("--phase-repeats", type=int, default=3, help="timed evaluation cells (after one warm-up)")
-    parser.add_argument("--steps", type=int, default=STEPS, help="DDIM steps of the evaluation cell")
+    parser.add_argument("--sampling-steps", type=int, default=STEPS, help="DDIM steps of the evaluation cell")
     parser.add_argument("--images", type=int, help="images of the evaluation cell and of the tiny forward's batch "
                         "(default: all 416 of the miniature's cell; fewer take its first ones)")
     parser.add_argument("--no-phases", action="store_true", help="skip the evaluation cell's phases")
@@ -219,10 +219,10 @@ def main(argv=None):
 
     if not args.no_phases:
         judge = load_judge()
-        times = phases(pipe, judge, prompts, args.steps, args.phase_repeats)
+        times = phases(pipe, judge, prompts, args.sampling_steps, args.phase_repeats)
         total = statistics.median(times["sum of phases"])
         say("", f"Evaluation cell of the tiny model: {len(prompts)} images in one batch ({2 * len(prompts)} UNet "
-            f"rows), {args.steps} DDIM steps, guidance {GUIDANCE}; median of {args.phase_repeats} after a warm-up",
+            f"rows), {args.sampling_steps} DDIM steps, guidance {GUIDANCE}; median of {args.phase_repeats} after a warm-up",
             "", "| phase | s (min / median / max) | share of the sum |", "|---|---|---|")
         for name, values in times.items():
             share = "" if name.startswith(("sum", "pipe")) else f"{statistics.median(values) / total:.1%}"

@@ -5,28 +5,47 @@ cli.py, and a method declares its train.py options with them (methods/method.py'
 import argparse
 
 
+def _number(value: str, kind, ok, what: str):
+    """value read as kind (int or float) and checked by ok; else the option's error: what it must be, and what
+    was given."""
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not ok(number):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {value}")
+    return number
+
+
 def positive_int(value: str) -> int:
     """An argparse type: an integer >= 1 (steps, batch sizes, image counts, intervals)."""
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
-    return number
+    return _number(value, int, lambda n: n >= 1, "a whole number >= 1")
 
 
 def natural_int(value: str) -> int:
     """An argparse type: an integer >= 0 (warmup steps, LoRA rank where 0 means off)."""
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {value}")
-    return number
+    return _number(value, int, lambda n: n >= 0, "a whole number >= 0")
 
 
 def positive_float(value: str) -> float:
     """An argparse type: a finite number > 0 (learning rates, norms)."""
-    number = float(value)
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {value}")
-    return number
+    return _number(value, float, lambda n: 0 < n < float("inf"), "a finite number > 0")
+
+
+def step_list(value: str) -> str:
+    """An argparse type: comma-separated whole numbers >= 0 ("0,20,100", or "" for none), kept as given."""
+    for part in value.split(","):
+        if part.strip():
+            _number(part.strip(), int, lambda n: n >= 0, "comma-separated whole numbers >= 0 (e.g. 0,20,100)")
+    return value
+
+
+def out_folder(value: str) -> str:
+    """An argparse type: an output folder, never "" (which would write into the current folder)."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string (it would write into the "
+                                         "current folder)")
+    return value
 
 
 def _range(value: str, number, low: float, what: str) -> tuple:
@@ -62,7 +81,4 @@ def positive_float_range(value: str) -> tuple:
 
 def decay(value: str) -> float:
     """An argparse type: an EMA decay in [0, 1) (0: off)."""
-    number = float(value)
-    if not 0 <= number < 1:
-        raise argparse.ArgumentTypeError(f"must lie in [0, 1) (0: off), got {value}")
-    return number
+    return _number(value, float, lambda n: 0 <= n < 1, "a number in [0, 1) (0: off)")

@@ -14,11 +14,11 @@ import torch
 
 # The value types of the options, on the ground floor so that a method can declare its options with them; used
 # here and by the scripts as cli.positive_int and so on.
-from .argtypes import (decay, int_range, natural_int, positive_float, positive_float_range, positive_int,  # noqa: F401
-                       positive_int_range)
+from .argtypes import (decay, int_range, natural_int, out_folder, positive_float, positive_float_range,  # noqa: F401
+                       positive_int, positive_int_range, step_list)
 from .methods.sld import SLD_PRESETS, sld_config
 from .miniature.settings import SAMPLING_GUIDANCE, SAMPLING_STEPS
-from .models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS
+from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from .models.weights import PICKLE_SUFFIXES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -84,13 +84,37 @@ def harmful_digits(value: str) -> list[int]:
 
 
 def fill_sampling_defaults(args) -> None:
-    """--steps and --guidance left unset: the miniature's fixed sampling with the digit judge, the usual Stable
+    """--sampling-steps and --guidance left unset: the miniature's fixed sampling with the digit judge, the usual Stable
     Diffusion defaults with any other."""
     miniature = args.judge == "digits"
-    if args.steps is None:
-        args.steps = SAMPLING_STEPS if miniature else DEFAULT_STEPS
+    if args.sampling_steps is None:
+        args.sampling_steps = SAMPLING_STEPS if miniature else DEFAULT_STEPS
     if args.guidance is None:
         args.guidance = SAMPLING_GUIDANCE if miniature else DEFAULT_GUIDANCE
+
+
+class OtherName(argparse.Action):
+    """A name that means another option here (--steps is optimizer steps in train.py, sampler steps are
+    --sampling-steps): refused, naming the right one (hidden from --help)."""
+
+    def __init__(self, option_strings, dest, new: str, why: str, **kwargs):
+        super().__init__(option_strings, argparse.SUPPRESS, nargs="?", help=argparse.SUPPRESS, **kwargs)
+        self.new, self.why = new, why
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string}: use {self.new} here ({self.why})")
+
+
+def add_other_name(p: argparse.ArgumentParser, name: str, right: str, why: str) -> None:
+    p.add_argument(name, action=OtherName, new=right, why=why)
+
+
+SAMPLING_STEPS_WHY = "sampler steps; --steps means optimizer steps, in train.py and attack.py finetune"
+
+
+def flag_names(p: argparse.ArgumentParser) -> dict:
+    """argparse dest -> the option that sets it (lam -> --lambda)."""
+    return {action.dest: action.option_strings[0] for action in p._actions if action.option_strings}
 
 
 def make_parser(doc: str, prog: str | None = None) -> argparse.ArgumentParser:
@@ -115,8 +139,8 @@ def add_model_options(p: argparse.ArgumentParser, several: bool = False, trainin
                             "PATH is named after its folder: runs/lt/model -> lt; a file after its stem) "
                             f"(default: {model_default_help})")
     else:
-        p.add_argument("--model", default=str(BUILTIN_MODEL), metavar="PATH",
-                       help="a diffusers folder or single file")
+        p.add_argument("--model", metavar="PATH", help="a diffusers folder or single file (default: the built-in "
+                                                       "tiny model, weights/ of this repository)")
     p.add_argument("--unet", metavar="PATH",
                    help=f"UNet weights (diffusers or LDM keys) loaded over {'every' if several else 'the'} --model, "
                         "e.g. an already-safe UNet (default: the model's own UNet)")

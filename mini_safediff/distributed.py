@@ -32,6 +32,11 @@ def setup(device: str | None, batch_size: int | None = None) -> tuple[bool, int,
     return True, dist.get_rank(), dist.get_world_size(), device or "cpu"
 
 
+def is_main_process() -> bool:
+    """Before setup too: rank 0 of a torchrun (RANK in the environment), or a lone process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
 def _rows_per_rank(batch_size: int, world_size: int) -> int:
     if batch_size % world_size:
         raise ValueError(f"--batch-size {batch_size} (the global batch) does not split evenly over {world_size} "

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from .io import atomic_write
 
@@ -48,11 +48,35 @@ def save_png(image: np.ndarray, path, scale_up: bool = True, **text) -> None:
     atomic_write(Path(path), lambda tmp: Image.fromarray(image).save(tmp, format="PNG", pnginfo=info))
 
 
-def save_grid(images: np.ndarray, path, cols: int | None = None, scale_up: bool = True, **text) -> None:
+def labelled(picture: np.ndarray, rows: list = (), title: str = "") -> np.ndarray:
+    """The picture with `title` above it and rows[i] left of the i-th of its len(rows) equal rows, in PIL's
+    built-in font, on white."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    width = max([measure.textbbox((0, 0), str(label), font=font)[2] for label in rows], default=-8) + 8
+    line = measure.textbbox((0, 0), "Ag", font=font)[3] + 6
+    top = line if title else 0
+    canvas = Image.new("RGB", (picture.shape[1] + width, picture.shape[0] + top), "white")
+    canvas.paste(Image.fromarray(picture), (width, top))
+    draw = ImageDraw.Draw(canvas)
+    if title:
+        draw.text((width, 2), title, fill="black", font=font)
+    pitch = picture.shape[0] / max(len(rows), 1)
+    for i, label in enumerate(rows):
+        draw.text((2, top + (i + 0.5) * pitch - line / 2 + 3), str(label), fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def save_grid(images: np.ndarray, path, cols: int | None = None, scale_up: bool = True, rows: list | None = None,
+              title: str = "", **text) -> None:
     """A grid of (N, H, W, 3) uint8 images as one PNG; small images are scaled up one by one, as save_png scales
-    one image, so that the 2-pixel gaps between them stay thin."""
+    one image, so that the 2-pixel gaps between them stay thin. rows: a label for each row of the grid, title a
+    line above it (labelled); neither: the bare grid."""
     images, text = viewable(images, text, scale_up)
-    save_png(grid(images, cols), path, scale_up=False, **text)
+    picture = grid(images, cols)
+    if rows or title:
+        picture = labelled(picture, rows or [], title)
+    save_png(picture, path, scale_up=False, **text)
 
 
 def read_png_text(path) -> dict:

@@ -1,4 +1,6 @@
-"""Writing files so that a crash never leaves a half-written one: the ground floor every layer may use."""
+"""Writing files so that a crash never leaves a half-written one, and output folders that one process owns at a
+time: the ground floor every layer may use."""
+import fcntl
 import json
 import os
 import shutil
@@ -57,3 +59,44 @@ def remove_leftovers(folder) -> list[Path]:
 
 def write_json(path, obj) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+@contextmanager
+def owned_folder(folder, what: str, enabled: bool = True):
+    """Makes this process the only writer of `folder` while the block runs: a lock (folder/.lock, holding the
+    owner's pid and what it runs) that a second process is refused with, naming the owner. The kernel drops the
+    lock when its process dies, so a lock left by a killed run is free. On leaving, the lock file goes, and so
+    does the folder if this claim made it and nothing was written into it. enabled False (the other processes
+    of a torchrun): nothing."""
+    if not enabled:
+        yield
+        return
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder}: is a file, not a folder")
+    made = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / ".lock"
+    while True:
+        file = open(path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            file.seek(0)
+            owner = file.read().strip() or "another process"
+            file.close()
+            raise ValueError(f"{folder} is in use by {owner}: wait until it ends, or choose another --out") from None
+        if path.exists() and os.stat(path).st_ino == os.fstat(file.fileno()).st_ino:
+            break  # the lock is on the file the path names, not on one that its last owner just removed
+        file.close()
+    file.seek(0)
+    file.truncate()
+    file.write(f"process {os.getpid()} ({what})\n")
+    file.flush()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        file.close()
+        if made and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

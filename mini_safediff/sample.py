@@ -16,7 +16,7 @@ from . import cli
 from .images import save_grid, save_png
 from .methods.sld import DEFAULT_SAFETY_CONCEPT, sld_hook
 from .models.loading import load_pipeline
-from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
+from .models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS, SAMPLERS
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -34,7 +34,7 @@ def make_parser():
     p.add_argument("--safety-concept", help="what --safety-guidance steers away from (default: SLD's own concept, "
                                             "I2P's categories in words)")
     p.add_argument("--n", type=cli.positive_int, default=4, help="images per prompt")
-    p.add_argument("--steps", type=cli.positive_int, default=DEFAULT_STEPS, help="sampler steps")
+    p.add_argument("--sampling-steps", type=cli.positive_int, default=DEFAULT_STEPS, help="sampler steps")
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="the sampling method")
@@ -43,13 +43,16 @@ def make_parser():
     p.add_argument("--width", type=cli.positive_int, help="image width in pixels (default: the model's size)")
     p.add_argument("--batch-size", type=cli.positive_int, help="images per batch (default: all at once)")
     p.add_argument("--native-size", action="store_true", help="save small images at the model's own size")
-    p.add_argument("--out", default="out", help="folder for the PNGs and grid.png")
+    p.add_argument("--out", default="out", type=cli.out_folder, help="folder for the PNGs and grid.png")
     cli.add_quiet(p)
+    cli.add_other_name(p, "--steps", "--sampling-steps", cli.SAMPLING_STEPS_WHY)
     return p
 
 
 def parse_args(argv=None):
-    return make_parser().parse_args(argv)
+    args = make_parser().parse_args(argv)
+    args.model = args.model or str(BUILTIN_MODEL)
+    return args
 
 
 def main(argv=None):
@@ -57,7 +60,7 @@ def main(argv=None):
     pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet,
                          prediction_type=args.prediction_type)
     prompts = [p for p in args.prompt for _ in range(args.n)]
-    images = pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.steps, guidance=args.guidance,
+    images = pipe.generate(prompts, negative_prompt=args.negative_prompt, steps=args.sampling_steps, guidance=args.guidance,
                            seed=args.seed, height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
                            batch_size=args.batch_size, progress=not args.quiet,
                            guidance_hook=sld_hook(args.safety_guidance, args.safety_concept))
@@ -67,10 +70,10 @@ def main(argv=None):
     scale_up = not args.native_size
     for i, (prompt, image) in enumerate(zip(prompts, images)):
         save_png(image, out / f"{i:04d}-{slug(prompt)}.png", scale_up=scale_up, prompt=prompt, seed=args.seed + i,
-                 model=args.model, steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                 model=args.model, steps=args.sampling_steps, guidance=args.guidance, sampler=args.sampler,
                  **safety)
     save_grid(images, out / "grid.png", cols=args.n, scale_up=scale_up, prompts=" | ".join(args.prompt),
-              seed=args.seed)
+              seed=args.seed, rows=args.prompt if scale_up else None)  # native size: the bare grid, for code
     print(f"wrote {len(images)} images and grid.png to {out}/")
 
 
@@ -79,3 +82,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError) as e:  # bad input or weights, a missing file, a full or read-only disk: one line
         sys.exit(f"sample: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\nsample: interrupted; no image was written")

@@ -53,7 +53,7 @@ def test_train_memory_measures_train_py(tmp_path):
     from mini_safediff.models.loading import load_pipeline
     from mini_safediff.models.pipeline import BUILTIN_MODEL
 
-    recipe, full = train_memory.run_variants(BUILTIN_MODEL, builtin_dataset(), [train_memory.RECIPE, "--dtype float32"],
+    recipe, full = train_memory.run_variants(BUILTIN_MODEL, builtin_dataset(tmp_path), [train_memory.RECIPE, "--dtype float32"],
                                              "cpu", steps=2, workdir=tmp_path)
     weight_bytes = 4 * sum(p.numel() for p in load_pipeline(BUILTIN_MODEL, device="cpu").unet.parameters())
     assert recipe["peak_bytes"] >= 3 * weight_bytes  # float32 weights and gradients, two bfloat16 moments
@@ -71,7 +71,7 @@ def test_gemm_fraction_prints_the_fraction_of_the_peak(tmp_path, capsys):
 
     out = tmp_path / "fraction.md"
     gemm_fraction.main(["--configs", "tiny", "--peak-size", "256", "--peak-repeats", "1", "--repeats", "1",
-                        "--phase-repeats", "1", "--images", "8", "--steps", "1", "--profile", "--profile-rows", "3",
+                        "--phase-repeats", "1", "--images", "8", "--sampling-steps", "1", "--profile", "--profile-rows", "3",
                         "--out", str(out)])
     printed = capsys.readouterr().out
     assert re.search(r"GEMM peak: [\d.]+ GFLOP/s", printed)

@@ -56,7 +56,7 @@ def test_help_shows_every_default_and_every_option_has_help(script, monkeypatch)
     parser = PARSERS[script]()
     text = parser.format_help()
     for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
+        if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:  # help; an old name
             continue
         option = action.option_strings[0]
         assert action.help, f"{script} {option}: no help text"
@@ -108,12 +108,12 @@ def test_training_refuses_float16_by_name(script, capsys):
 
 def test_one_default_of_sampling_steps_and_the_miniatures_own():
     assert inspect.signature(Pipeline.generate).parameters["steps"].default == DEFAULT_STEPS == 50
-    assert sample.parse_args(["--prompt", "a cat"]).steps == DEFAULT_STEPS
+    assert sample.parse_args(["--prompt", "a cat"]).sampling_steps == DEFAULT_STEPS
     real = evaluate.parse_args(["--judge", "nudenet"])
-    assert (real.steps, real.guidance) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (50, 7.5)
+    assert (real.sampling_steps, real.guidance) == (DEFAULT_STEPS, DEFAULT_GUIDANCE) == (50, 7.5)
     miniature = evaluate.parse_args([])
-    assert (miniature.steps, miniature.guidance) == (SAMPLING_STEPS, SAMPLING_GUIDANCE) == (20, 5.0)
-    assert evaluate.parse_args(["--steps", "3", "--guidance", "0"]).guidance == 0
+    assert (miniature.sampling_steps, miniature.guidance) == (SAMPLING_STEPS, SAMPLING_GUIDANCE) == (20, 5.0)
+    assert evaluate.parse_args(["--sampling-steps", "3", "--guidance", "0"]).guidance == 0
 
 
 def test_small_images_are_saved_scaled_up_unless_native_size(tmp_path):
@@ -137,3 +137,13 @@ def test_small_images_are_saved_scaled_up_unless_native_size(tmp_path):
     assert read_png_text(tmp_path / "grid.png")["native_size"] == "16x16"
     save_grid(images, tmp_path / "grid-native.png", cols=2, scale_up=False)
     assert np.asarray(Image.open(tmp_path / "grid-native.png")).shape == (34, 34, 3)
+
+
+def test_labelled_grids_name_their_rows_and_title():
+    images = np.zeros((4, 16, 16, 3), dtype=np.uint8) + 200
+    from mini_safediff.images import labelled
+    bare = np.asarray(Image.fromarray(images[0]))
+    picture = labelled(np.concatenate([np.concatenate([bare, bare], 1)] * 2), rows=["7 (harmful)", "2"], title="lt")
+    assert picture.shape[0] > 32 and picture.shape[1] > 32
+    assert (picture[:, :picture.shape[1] - 32] < 100).any()  # the labels are drawn left of the images
+    assert np.array_equal(picture[-32:, -32:], np.concatenate([np.concatenate([bare, bare], 1)] * 2))

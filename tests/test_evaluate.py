@@ -30,7 +30,7 @@ ROW_KEYS = {"model", "attack", "attack_steps", "harmful_rate", "harmful_score", 
 
 
 def test_evaluate_writes_results_and_grids(tmp_path):
-    evaluate.main(["--model", f"base={BUILTIN_MODEL}", "--n", "1", "--n-harmful", "2", "--steps", "2",
+    evaluate.main(["--model", f"base={BUILTIN_MODEL}", "--n", "1", "--n-harmful", "2", "--sampling-steps", "2",
                    "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     (row,) = results["rows"]
@@ -63,7 +63,7 @@ def prompt_files(tmp_path):
 
 def run_real(out, model, prompt_files, *extra, judge="nudenet") -> dict:
     evaluate.main(["--judge", judge, "--prompts", str(prompt_files[0]), "--clean-prompts", str(prompt_files[1]),
-                   "--model", f"tiny={model}", "--n", "2", "--steps", "2", "--batch-size", "3", "--out", str(out),
+                   "--model", f"tiny={model}", "--n", "2", "--sampling-steps", "2", "--batch-size", "3", "--out", str(out),
                    *extra])
     return json.loads((out / "results.json").read_text())
 
@@ -179,7 +179,7 @@ def test_score_dir_scores_images_made_elsewhere(tmp_path, prompt_files, scorer_f
 def test_two_processes_give_the_results_of_one(tmp_path, model, prompt_files):
     one = run_real(tmp_path / "one", model, prompt_files)
     args = ["--judge", "nudenet", "--prompts", str(prompt_files[0]), "--clean-prompts", str(prompt_files[1]),
-            "--model", f"tiny={model}", "--images-per-prompt", "2", "--steps", "2", "--batch-size", "3",
+            "--model", f"tiny={model}", "--images-per-prompt", "2", "--sampling-steps", "2", "--batch-size", "3",
             "--out", str(tmp_path / "two")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -179,7 +179,7 @@ def test_a_nan_model_is_reported_broken_never_safe(model, tmp_path):
     import evaluate
 
     broken = nan_model(model, tmp_path / "nan")
-    evaluate.main(["--model", f"ok={model}", "--model", f"nan={broken}", "--n", "1", "--n-harmful", "1", "--steps",
+    evaluate.main(["--model", f"ok={model}", "--model", f"nan={broken}", "--n", "1", "--n-harmful", "1", "--sampling-steps",
                    "2", "--out", str(tmp_path / "results"), "--quiet"])
     rows = {row["model"]: row for row in json.loads((tmp_path / "results" / "results.json").read_text())["rows"]}
     assert rows["nan"]["broken"] == "non-finite weights" and rows["nan"]["harmful_rate"] is None
@@ -241,14 +241,14 @@ SCRIPT_ARGUMENTS = [  # (script, arguments, what the one-line error names)
     ("train", ["--grad-accum", "0"], "--grad-accum: must be a whole number >= 1"),
     ("train", ["--checkpoint-every", "0"], "--checkpoint-every: must be a whole number >= 1"),
     ("train", ["--checkpoint-every", "-1"], "--checkpoint-every: must be a whole number >= 1"),
-    ("train", ["--ema", "2"], "--ema: must lie in \\[0, 1\\)"),
+    ("train", ["--ema", "2"], "--ema: must be a number in \\[0, 1\\)"),
     ("train", ["--lr", "nan"], "--lr: must be a finite number > 0"),
     ("train", ["--device", "cuda:7"], "--device: cuda:7: no such CUDA device"),
     ("train", ["--dtype", "float16"], "--dtype: float16 is refused in training"),
     ("attack", ["--lora-rank", "-1"], "--lora-rank: must be a whole number >= 0"),
     ("attack", ["--batch-size", "0"], "--batch-size: must be a whole number >= 1"),
     ("sample", ["--prompt", "x", "--n", "0"], "--n: must be a whole number >= 1"),
-    ("sample", ["--prompt", "x", "--steps", "0"], "--steps: must be a whole number >= 1"),
+    ("sample", ["--prompt", "x", "--sampling-steps", "0"], "--sampling-steps: must be a whole number >= 1"),
     ("evaluate", ["--harmful-digits", "12"], "--harmful-digits: '12': give comma-separated digits from 0 to 9, not all ten"),
     ("evaluate", ["--harmful-digits", "0,1,2,3,4,5,6,7,8,9"], "not all ten"),
 ]
@@ -299,7 +299,7 @@ def test_bad_runs_are_refused_with_one_line_and_nothing_mixed(tmp_path, model):
     (["train.py", "--model", "no/such/model", "--steps", "1"], "train.py: no/such/model: no such model folder"),
     (["attack.py", "--model", "m=no/such/model", "--steps", "1"], "attack.py: no/such/model: no such model folder"),
     (["evaluate.py", "--model", "a=x", "--model", "a=y"], "evaluate.py: --model a=y: the name 'a' is given twice"),
-    (["-m", "mini_safediff.sample", "--prompt", "x", "--height", "7", "--steps", "1"],
+    (["-m", "mini_safediff.sample", "--prompt", "x", "--height", "7", "--sampling-steps", "1"],
      "sample: generate: height and width must be divisible by 2"),
 ])
 def test_scripts_fail_with_one_line_and_no_traceback(tmp_path, command, message):

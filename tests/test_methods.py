@@ -96,7 +96,7 @@ def test_an_option_of_another_method_is_refused_by_name(scaled, argv, message, t
 @pytest.mark.parametrize("method", ["lt", "ng", "naive", "immunize", "scaled"])
 def test_data_without_harmful_rows_is_refused(model, scaled, method, tmp_path):
     data = write_data(tmp_path / "data", [1, 1])
-    with pytest.raises(ValueError, match=f"--method {method} trains the model away from harmful rows: .* has none"):
+    with pytest.raises(ValueError, match=f"--method {method} trains the model away from harmful rows: .* has 2 rows, none of them harmful"):
         run(model, data, tmp_path / "out", "--method", method, "--steps", "1")
 
 
@@ -109,3 +109,23 @@ def test_each_method_gets_its_preset_and_the_options_merge_into_one_parser():
     merged = registry.method_options()
     assert merged["--lambda"][1] == ["lt", "ng", "immunize"] and merged["--harmful-weight"][1] == [
         "lt", "ng", "naive", "immunize"]
+
+
+def test_naive_is_lts_loss_with_lambda_zero(model, tmp_path):
+    """The same loss as LT's with --lambda 0 on one batch; only the random numbers of a run differ (LT draws
+    its class centres from the run's generator first)."""
+    from types import SimpleNamespace
+
+    from mini_safediff.methods.contrastive import LatentTransformation
+    from mini_safediff.methods.naive import NaiveAscent
+    from mini_safediff.training.data import SafetyDataset
+
+    pipe = msd.load_pipeline(model, device="cpu")
+    args = SimpleNamespace(method="naive", harmful_weight=-0.5, lam=0.0, lambda_contrast=1.0, margin=0.0,
+                           contrast="official", no_contrast_grad=False, batch_size=4, seed=0, balanced=True)
+    dataset = SafetyDataset(write_data(tmp_path / "data", [1, 2, 1, 2]), 16)
+    naive = NaiveAscent(args, pipe, dataset, torch.Generator().manual_seed(0))
+    lt = LatentTransformation(args, pipe, dataset, torch.Generator().manual_seed(0))
+    batch = naive.batch(0)
+    pred = pipe.unet(batch.x_t, batch.t, batch.context)
+    assert torch.equal(naive.loss(pred, batch)[0], lt.loss(pred, batch)[0])

@@ -135,7 +135,7 @@ def test_sample_command_writes_the_setting_into_each_png(model, tmp_path):
     from mini_safediff import sample
     from mini_safediff.images import read_png_text
 
-    sample.main(["--model", str(model), "--prompt", "a cat", "--n", "1", "--steps", "2", "--device", "cpu",
+    sample.main(["--model", str(model), "--prompt", "a cat", "--n", "1", "--sampling-steps", "2", "--device", "cpu",
                  "--safety-guidance", '{"sld_guidance_scale": 50}', "--safety-concept", "a dog", "--out",
                  str(tmp_path), "--quiet"])
     text = read_png_text(tmp_path / "0000-a-cat.png")
@@ -151,7 +151,7 @@ def test_evaluate_row_with_sld_records_it(tmp_path):
     import evaluate
     from mini_safediff.models.pipeline import BUILTIN_MODEL
 
-    common = ["--model", f"base={BUILTIN_MODEL}", "--n", "1", "--n-harmful", "1", "--steps", "2", "--device", "cpu"]
+    common = ["--model", f"base={BUILTIN_MODEL}", "--n", "1", "--n-harmful", "1", "--sampling-steps", "2", "--device", "cpu"]
     evaluate.main([*common, "--model", f"sld={BUILTIN_MODEL}", "--safety-guidance", "sld=max", "--out",
                    str(tmp_path)])
     base, sld = json.loads((tmp_path / "results.json").read_text())["rows"]

@@ -27,7 +27,7 @@ TINY = Plan(models={"base": MODELS["base"], "unseen": MODELS["unseen"], "sld-max
             attacks={"strong": Attack(("--preset", "miniature"), (0, 1, 2), seeds=(0,)),
                      "clean": Attack(("--preset", "miniature"), (0, 1), seeds=(0,), rows="clean")},
             train_seeds=(0,), images_per_prompt=1, harmful_images_per_prompt=2, sampling_steps=2,
-            prompt_attack=("--timesteps", "1", "--iterations", "2", "--steps", "2"), prompt_attack_models=("naive",))
+            prompt_attack=("--timesteps", "1", "--iterations", "2", "--sampling-steps", "2"), prompt_attack_models=("naive",))
 
 
 @pytest.fixture(scope="module")

@@ -103,8 +103,8 @@ def test_refusals_name_the_problem(pipe):
 
 
 def test_script_writes_each_models_prompts_and_asr(model, tmp_path):
-    rows = attack.main(["prompt", "--model", f"a={model}", "--model", f"b={model}", "--reference", str(model),
-                        "--iterations", "2", "--timesteps", "2", "--steps", "2", "--device", "cpu", "--quiet",
+    rows = attack.main(["prompt", "--model", f"a={model}", "--model", f"b={model}", "--target-model", str(model),
+                        "--iterations", "2", "--timesteps", "2", "--sampling-steps", "2", "--device", "cpu", "--quiet",
                         "--out", str(tmp_path / "out")])
     assert [row["model"] for row in rows] == ["a", "b"]
     saved = json.loads((tmp_path / "out" / "a" / "prompt_attack.json").read_text())
@@ -120,9 +120,9 @@ def test_script_writes_each_models_prompts_and_asr(model, tmp_path):
 def test_script_defaults_are_the_authors_and_nudenet_needs_its_inputs():
     args = attack.parse_args(["prompt"])
     assert (args.tokens, args.iterations, args.timesteps, args.lr, args.weight_decay) == (5, 40, 50, 0.01, 0.1)
-    assert (args.steps, args.guidance) == (20, 5.0)
-    assert attack.parse_args(["prompt", "--judge", "nudenet"]).steps == 50
-    with pytest.raises(ValueError, match="--judge nudenet: give --reference"):
+    assert (args.sampling_steps, args.guidance) == (20, 5.0)
+    assert attack.parse_args(["prompt", "--judge", "nudenet"]).sampling_steps == 50
+    with pytest.raises(ValueError, match="--judge nudenet: give --target-model"):
         attack.main(["prompt", "--judge", "nudenet", "--prompts", "p.txt"])
     with pytest.raises(SystemExit):
         attack.parse_args(["prompt", "--harmful-digits", "7,x"])

@@ -1,5 +1,5 @@
 """The prompt attack's driver, what `attack.py prompt` runs: UnlearnDiffAtk (unlearndiffatk.py) on every prompt of
-every model. The unsafe --reference model first draws each prompt's target image; then each model is attacked on
+every model. The unsafe --target-model first draws each prompt's target image; then each model is attacked on
 each prompt and judged, and its results are written to --out/NAME/prompt_attack.json, the attack success rate
 (ASR) of every model to --out/asr.md. The judge and the prompts are the caller's (they come from the evaluation
 layer): `flagged(images uint8 (N, H, W, 3)) -> bool (N,)`, and prompts with .text, .seed and .guidance (None: the
@@ -22,14 +22,14 @@ def prompt_attack(args, models: list, prompts: list, flagged, dtype) -> list:
 
     def sample(pipe, text: str, prompt) -> np.ndarray:
         """One image of text, with the prompt's own seed and guidance where its file gives them."""
-        return pipe.generate([text], steps=args.steps, seed=args.seed if prompt.seed is None else prompt.seed,
+        return pipe.generate([text], steps=args.sampling_steps, seed=args.seed if prompt.seed is None else prompt.seed,
                              guidance=args.guidance if prompt.guidance is None else prompt.guidance,
                              progress=False)
 
     def judge_one(pipe, prompt, text: str) -> bool:
         return bool(flagged(sample(pipe, text, prompt))[0])
 
-    reference = load_pipeline(args.reference, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
+    reference = load_pipeline(args.target_model, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
     targets = [sample(reference, prompt.text, prompt)[0] for prompt in prompts]
     targets_flagged = flagged(np.stack(targets)).tolist()
     del reference
@@ -55,7 +55,7 @@ def prompt_attack(args, models: list, prompts: list, flagged, dtype) -> list:
                "unattacked": sum(r["step"] == 0 for r in successes), "prompts": len(results),
                "seconds": round(time.time() - started, 1)}
         write_json(Path(args.out) / name / "prompt_attack.json", {
-            **row, "unet": args.unet, "reference": args.reference, "judge": args.judge,
+            **row, "unet": args.unet, "target_model": args.target_model, "judge": args.judge,
             "settings": {key: value for key, value in vars(args).items() if key not in ("model", "out", "quiet")},
             "results": results})
         rows.append(row)

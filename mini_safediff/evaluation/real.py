@@ -54,6 +54,7 @@ class Scorers:
     q16: object = None
     aesthetic: object = None
     reference: np.ndarray | None = None  # CLIP image embeddings of the --reference images
+    missing_nudenet: str = ""  # why NudeNet could not load
 
 
 def optional(what: str, path, option: str, load):
@@ -69,12 +70,29 @@ def optional(what: str, path, option: str, load):
 
 
 def load_scorers(args, judges: list, device) -> Scorers:
+    """The scorers, each loaded once. A --judge that cannot run is an error (the run would report nothing it was
+    asked for), unless args.skip_missing_judges; the other scores are skipped with one line each."""
+    scorers = _load_scorers(args, judges, device)
+    missing = []
+    if "nudenet" in judges and scorers.nudenet is None:
+        missing.append(f"--judge nudenet: {scorers.missing_nudenet}")
+    if "q16" in judges and scorers.q16 is None:
+        missing.append("--judge q16: needs the CLIP weights (--clip) and Q16's prompts (--q16)")
+    if missing and not args.skip_missing_judges:
+        raise ValueError("; ".join(missing) + ". Or pass --skip-missing-judges to go on without it (its columns "
+                         "show n/a)")
+    for line in missing:
+        print(f"{line}: skipped (--skip-missing-judges; n/a)")
+    return scorers
+
+
+def _load_scorers(args, judges: list, device) -> Scorers:
     scorers = Scorers()
     if "nudenet" in judges:
         try:
             scorers.nudenet = NudityJudge(args.threshold)
         except ImportError as e:
-            print(f"NudeNet: skipped, {e} (n/a)")
+            scorers.missing_nudenet = str(e)
     clean = bool(args.clean_prompts or args.score_dir)
     if not clean:
         print("CLIP score, aesthetic, FD: skipped, no --clean-prompts given (n/a)")
@@ -152,7 +170,7 @@ def run_real(args, judges: list, models: list) -> list:
         safety = args.sld.get(name)
         for part, prompts in (("harmful", harmful_prompts or []), ("clean", clean_prompts)):
             jobs[name, part] = image_jobs(prompts, Path(args.out) / "images" / name / part, args.n, args.seed,
-                                          args.guidance, args.steps, path, weights, safety,
+                                          args.guidance, args.sampling_steps, path, weights, safety,
                                           args.safety_concept if safety is not None else None)
             generate_missing(pipe, jobs[name, part], args.batch_size, f"{name} {part}", rank, world_size,
                              progress=not args.quiet)

@@ -70,8 +70,8 @@ class Method:
         """generator: the run's one generator (VAE samples, noise, timesteps, whatever the method draws);
         autocast: the context the model is called in."""
         if not self.data_free and not dataset.harmful.any():
-            raise ValueError(f"--method {args.method} trains the model away from harmful rows: {dataset.folder} "
-                             "has none (class 2)")
+            raise ValueError(f"--method {args.method} trains the model away from harmful rows: {dataset.metadata} "
+                             f"has {len(dataset)} rows, none of them harmful (class 2)")
         self.args, self.pipe, self.dataset, self.generator = args, pipe, dataset, generator
         self.ddp, self.rank, self.world_size, self.autocast = ddp, rank, world_size, autocast
 

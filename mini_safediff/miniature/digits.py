@@ -6,7 +6,7 @@ ever sees. Captions come from training templates; evaluation prompts come from o
 training caption uses (the paper trains on one prompt source and tests on others).
 
     images, labels = digits("generator")             # uint8 (N, 16, 16, 3), int64 (N,)
-    folder = builtin_dataset(harmful_digits=(7,))     # metadata.jsonl + PNGs, class 2 = harmful
+    folder = builtin_dataset("runs/train/builtin-data")   # metadata.jsonl + PNGs, digit 7 as class 2 = harmful
 """
 import gzip
 import json
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "digits.csv.gz"
-DEFAULT_ROOT = Path("runs") / "data"  # like every run folder, relative to where the scripts are started
+BUILTIN_DATA = "builtin-data"  # the scripts write the built-in data into --out/builtin-data/, nowhere else
 SPLIT_SEED = 20240611  # fixed once: changing it changes which images the judge may see
 JUDGE_SHARE = 0.5  # of every class
 RESOLUTION = 16  # 8x8 upsampled; the VAE halves it to 8x8 latents
@@ -119,8 +119,13 @@ def write_safety_dataset(folder, harmful_digits=(7,), part: str = "generator", s
     return folder
 
 
-def builtin_dataset(harmful_digits=(7,), root=DEFAULT_ROOT) -> Path:
-    """The built-in safety dataset for these harmful digits, written on first use (e.g. runs/data/digits-7)."""
+def row_labels(harmful_digits) -> list[str]:
+    """The labels of a grid with a row per digit, the harmful ones marked."""
+    return [f"{digit} (harmful)" if digit in harmful_digits else str(digit) for digit in range(10)]
+
+
+def builtin_dataset(root, harmful_digits=(7,)) -> Path:
+    """The built-in safety dataset for these harmful digits, written on first use into root (root/digits-7)."""
     folder = Path(root) / ("digits-" + "".join(str(d) for d in sorted(set(harmful_digits))))
     if not (folder / "metadata.jsonl").is_file():
         write_safety_dataset(folder, harmful_digits)

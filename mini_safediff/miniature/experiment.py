@@ -20,7 +20,7 @@ from . import digits
 from .judge import load_judge
 
 def judged_generations(pipe, judge, harmful_digits, n: int, n_harmful: int, steps: int, guidance: float, seed: int,
-                       safety_guidance=None, safety_concept=None) -> dict:
+                       safety_guidance=None, safety_concept=None, progress: bool = False) -> dict:
     """Generate every evaluation prompt, n images each (n_harmful for a harmful digit's), and judge them. Image j
     of prompt i gets seed `seed + n_i * i + j` along the prompt list: every model sees the same starting noise.
     Returns per image: "prompted" digit, judge "probs" and "features", "images" (uint8), and "broken" (a reason
@@ -31,7 +31,7 @@ def judged_generations(pipe, judge, harmful_digits, n: int, n_harmful: int, step
             count = n_harmful if digit in harmful_digits else n
             prompts += [prompt] * count
             prompted += [digit] * count
-    images = pipe.generate(prompts, steps=steps, guidance=guidance, seed=seed, batch_size=256, progress=False,
+    images = pipe.generate(prompts, steps=steps, guidance=guidance, seed=seed, batch_size=256, progress=progress,
                            guidance_hook=sld_hook(safety_guidance,
                                                   safety_concept if safety_guidance is not None else None))
     probs, features = judge.classify(images)
@@ -50,8 +50,8 @@ def evaluate_model(path, judge, harmful_digits, real_features, args, safety_guid
     """The metrics of one --model row, and images and a column count for a grid with a row per digit."""
     pipe = load_pipeline(path, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet,
                          prediction_type=args.prediction_type)
-    judged = judged_generations(pipe, judge, harmful_digits, args.n, args.n_harmful, args.steps, args.guidance,
-                                args.seed, safety_guidance, args.safety_concept)
+    judged = judged_generations(pipe, judge, harmful_digits, args.n, args.n_harmful, args.sampling_steps,
+                                args.guidance, args.seed, safety_guidance, args.safety_concept, progress=not args.quiet)
     prompted, probs, features, images = (judged[k] for k in ("prompted", "probs", "features", "images"))
     is_harmful = np.isin(prompted, harmful_digits)
     clean = ~is_harmful
@@ -83,7 +83,8 @@ def run_miniature(args, models: list) -> tuple[list, str]:
         metrics, picture, cols = evaluate_model(path, judge, harmful_digits, real_features, args, args.sld.get(name))
         rows.append({"model": name, "attack": "none", "attack_steps": 0, "path": path,
                      **sld_row(args.sld.get(name), args.safety_concept), **metrics})
-        save_grid(picture, Path(args.out) / f"grid-{name}-0.png", cols=cols, model=name)
+        save_grid(picture, Path(args.out) / f"grid-{name}-0.png", cols=cols, model=name,
+                  rows=digits.row_labels(harmful_digits), title=name)
         print(f"{name:12s}: " + (f"BROKEN ({metrics['broken']})" if metrics.get("broken") else
               f"harmful rate {metrics['harmful_rate']:.3f}  clean accuracy {metrics['clean_accuracy']:.3f}  "
               f"FD {metrics['fd']:.2f}"), flush=True)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..evaluation.metrics import frechet_distance
 from ..io import atomic_write, write_json
+from .digits import row_labels
 from .statistics import (Estimate, auc_statistic, centred_interval, interval, paired_difference, per_resample,
                          recovery_statistic)
 from .study import Plan, expand
@@ -269,6 +270,10 @@ def markdown(report: dict, plan: Plan) -> str:
     return "\n".join(out)
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "v", "D", "x", "+")
+
+
 def plot(report: dict, plan: Plan, folder: Path, models=KEY_MODELS) -> list:
     """recovery.png (harmful rate vs attack steps, a line and its 95% band per model, a panel per harmful attack)
     and clean-accuracy.png (the same for clean accuracy). Needs matplotlib (pip install -e ".[plot]")."""
@@ -285,7 +290,7 @@ def plot(report: dict, plan: Plan, folder: Path, models=KEY_MODELS) -> list:
                                     sharey=True)
         for axis, attack_name in zip(axes[0], attacks):
             snapshots, attacked = plan.attacks[attack_name].snapshots, plan.attacks[attack_name].models
-            for color, model in enumerate(shown):
+            for color, model in enumerate(shown):  # colour, dashes and marker all differ: equal lines stay visible
                 if attacked is not None and model not in attacked:
                     continue
                 points = [(step, _find(report["rows"], model, attack_name, step)) for step in snapshots]
@@ -293,8 +298,9 @@ def plot(report: dict, plan: Plan, folder: Path, models=KEY_MODELS) -> list:
                 if not points:
                     continue
                 steps = [step for step, _ in points]
-                axis.plot(steps, [row[metric] for _, row in points], marker="o", markersize=3, label=model,
-                          color=f"C{color}")
+                axis.plot(steps, [row[metric] for _, row in points], label=model, color=f"C{color}",
+                          linestyle=LINE_STYLES[color % len(LINE_STYLES)], marker=MARKERS[color % len(MARKERS)],
+                          markersize=4, markerfacecolor="none")
                 axis.fill_between(steps, [row[f"{metric}_ci"][0] for _, row in points],
                                   [row[f"{metric}_ci"][1] for _, row in points], color=f"C{color}", alpha=0.15)
             axis.set_title(f"{attack_name} attack")
@@ -330,7 +336,9 @@ def grids(plan: Plan, cells: dict, folder: Path, digests=None, models=KEY_MODELS
                 continue
             picture = np.concatenate([cell["images"][cell["prompted"] == digit][:columns] for digit in range(10)])
             path = folder / f"grid-{model}-{label}.png"
-            save_grid(picture, path, cols=columns, model=model, attack=label)
+            title = f"{model}, " + ("before any attack" if label == "before" else f"{attack_name} attack, step {step}")
+            save_grid(picture, path, cols=columns, model=model, attack=label, rows=row_labels(plan.harmful_digits),
+                      title=title + ("" if seed is None else f", training seed {seed}"))
             written.append(path)
     return written
 

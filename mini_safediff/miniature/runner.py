@@ -50,8 +50,8 @@ def data_folders(plan: Plan, root: Path) -> dict:
     """The built-in data with the plan's harmful digits as class 2 ("harmful"), and with the clean digits as
     class 2 ("clean"): attack.py fine-tunes on class-2 rows, so the second is clean fine-tuning."""
     clean = [digit for digit in range(10) if digit not in plan.harmful_digits]
-    return {"harmful": str(digits.builtin_dataset(plan.harmful_digits, root=root / "data")),
-            "clean": str(digits.builtin_dataset(clean, root=root / "data"))}
+    return {"harmful": str(digits.builtin_dataset(root / "data", plan.harmful_digits)),
+            "clean": str(digits.builtin_dataset(root / "data", clean))}
 
 
 def model_weights(plan: Plan, root: Path, run: Run) -> tuple[str, str | None]:
@@ -71,7 +71,7 @@ def job(plan: Plan, root: Path, data: dict, run: Run) -> tuple:
     if run.kind == "prompt-attack":
         path, unet = model_weights(plan, root, run)
         return "attack", ["prompt", *plan.prompt_attack, "--model", f"{ATTACKED}={path}",
-                                 *(["--unet", unet] if unet else []), "--reference", plan.base,
+                                 *(["--unet", unet] if unet else []), "--target-model", plan.base,
                                  "--harmful-digits", ",".join(map(str, plan.harmful_digits)), "--out", str(folder),
                                  "--quiet"], folder
     if run.kind == "train":

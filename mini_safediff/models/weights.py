@@ -81,6 +81,12 @@ def _read_pickle(path: Path) -> dict:
             f"on your machine. Convert it to .safetensors with a tool you trust. ({first_line})") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise WeightsError(f"{path}: not a readable checkpoint, truncated or corrupt ({e})") from None
+    if isinstance(obj, dict) and {"unet", "optimizer", "generator", "step"} <= obj.keys():
+        model = path.parent / "model"
+        raise WeightsError(f"{path}: a training checkpoint of train.py / attack.py (weights, optimizer and random "
+                           f"state at step {obj['step']}, to continue with --resume), not a model; the finished "
+                           f"model is {model}" + ("" if model.exists() else " (not written yet: the run has not "
+                                                                           "finished)"))
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # Lightning / CompVis checkpoints nest the weights
     if not isinstance(obj, dict):

@@ -58,22 +58,25 @@ def same_setting(a, b) -> bool:
     return isinstance(a, str) and isinstance(b, str) and Path(a).exists() and Path(a).resolve() == Path(b).resolve()
 
 
-def changed_settings(saved: dict, now: dict) -> list[str]:
-    """The settings that define the run and differ between the checkpoint's args and this run's."""
+def changed_settings(saved: dict, now: dict, flags: dict | None = None) -> list[str]:
+    """The settings that define the run and differ between the checkpoint's args and this run's, each named by its
+    option (flags: argparse dest -> option, where the two differ: lam -> --lambda)."""
     keys = (saved.keys() | now.keys()) - NOT_DEFINING
-    return [f"--{key.replace('_', '-')}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now"
+    flags = flags or {}
+    return [f"{flags.get(key, '--' + key.replace('_', '-'))}: {saved.get(key)!r} in the checkpoint, {now.get(key)!r} now"
             for key in sorted(keys) if not same_setting(saved.get(key), now.get(key))]
 
 
 def start_or_resume(out: Path, resume: bool, unet, optimizer, generator, main_process: bool = True,
-                    settings: dict | None = None, allow_changed: bool = False) -> tuple[int, dict]:
+                    settings: dict | None = None, allow_changed: bool = False,
+                    flags: dict | None = None) -> tuple[int, dict]:
     """Step 0 with a fresh log; or, with `resume` and a checkpoint in `out`, the checkpoint's step, with the UNet,
     the optimizer and the generator restored and the log cut back to that step. Returns (step, checkpoint),
     the checkpoint for the script's own extra state ({} when starting afresh). Under DDP every rank restores;
     only the main process (rank 0) prints and writes.
 
     settings: this run's arguments; resuming refuses when those that define the run differ from the checkpoint's
-    (unless allow_changed), and a fresh run refuses an `out` that holds an earlier run's checkpoint (a new log
+    (unless allow_changed; flags name them as changed_settings does), and a fresh run refuses an `out` that holds an earlier run's checkpoint (a new log
     beside an old checkpoint would mix two runs)."""
     checkpoint_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
     if out.exists() and not out.is_dir():
@@ -83,7 +86,7 @@ def start_or_resume(out: Path, resume: bool, unet, optimizer, generator, main_pr
             print(f"removed {leftover}, left by an interrupted write")
     if resume and checkpoint_path.exists():
         checkpoint = load_checkpoint(checkpoint_path)
-        changed = changed_settings(checkpoint["args"], settings) if settings is not None else []
+        changed = changed_settings(checkpoint["args"], settings, flags) if settings is not None else []
         if changed and not allow_changed:
             raise ValueError(f"{checkpoint_path} was written with other settings; resume with the same ones (or "
                              "pass --allow-changed-settings):\n  " + "\n  ".join(changed))

@@ -20,6 +20,10 @@ ROW_MODES = ("all", "harmful", "all_harmful")
 MAX_REPORTED = 20  # bad rows listed in one error
 
 
+class NoClass(ValueError):
+    """A row that is fine but for its missing class."""
+
+
 class SafetyDataset:
     """Images resized (shorter side to `resolution`, bilinear with antialiasing, as the official
     train_text_to_image.py does through torchvision) and center-cropped to (3, R, R) in [-1, 1].
@@ -38,7 +42,7 @@ class SafetyDataset:
         self.metadata = self.folder / "metadata.jsonl"
         if not self.metadata.is_file():
             raise FileNotFoundError(f"{self.metadata}: not found (a dataset folder needs a metadata.jsonl)")
-        self.rows, problems = [], []
+        self.rows, problems, classless = [], [], 0
         for line_no, line in numbered_lines(self.metadata):
             if isinstance(line, LineError):
                 problems.append(f"{self.metadata}:{line_no}: {line}")
@@ -49,10 +53,15 @@ class SafetyDataset:
                 row = self._check_row(line, rows)
             except ValueError as error:
                 problems.append(f"{self.metadata}:{line_no}: {error}")
+                classless += isinstance(error, NoClass)
                 continue
             if rows != "harmful" or row["harmful"]:
                 self.rows.append(row)
         self.skipped = problems
+        if classless and classless == len(problems) and not self.rows:
+            raise ValueError(f"{self.metadata}: no row has a \"class\" (1 clean, 2 harmful). A folder of images "
+                             "without classes is harmful-only data: attack.py takes it as --harmful-only-data; a "
+                             "safety training needs the class of each row")
         if problems and not skip_bad:
             more = f"\n... and {len(problems) - MAX_REPORTED} more" if len(problems) > MAX_REPORTED else ""
             raise ValueError(f"{len(problems)} bad row(s) in the dataset (skip them with skip_bad / --skip-bad):\n"
@@ -73,6 +82,8 @@ class SafetyDataset:
             raise ValueError("a row must be a JSON object")
         required = ("file_name", "text") if rows == "all_harmful" else ("file_name", "text", "class")
         missing = [key for key in required if key not in row]
+        if missing == ["class"]:
+            raise NoClass("missing key 'class' (1 clean, 2 harmful)")
         if missing:
             raise ValueError(f"missing key(s) {', '.join(map(repr, missing))}")
         if not isinstance(row["text"], str):
