@@ -134,6 +134,25 @@ def test_tables_rows_and_figures(tiny_study, tmp_path):
     assert json.loads((tmp_path / "results" / "results.json").read_text())["rows"][0]["model"] == "base"
 
 
+def test_recovery_lines_of_different_models_differ_in_dashes_and_markers(tiny_study, tmp_path, monkeypatch):
+    """Two models with equal curves lie on top of each other: colour alone would hide one of them."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from mini_safediff.miniature.report import plot
+
+    runs, _ = tiny_study
+    cells = runner.load_cells(TINY, runs)
+    report = study_report(TINY, cells, real_clean_features(load_judge(), TINY.harmful_digits))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot(report, TINY, tmp_path)
+    for figure in figures:
+        for axis in figure.axes:
+            styles = [(line.get_linestyle(), line.get_marker()) for line in axis.get_lines()]
+            assert len(styles) > 1 and len(set(styles)) == len(styles), styles
+
+
 def test_a_killed_study_continues_where_it_stopped(tmp_path, monkeypatch):
     plan = dataclasses.replace(TINY, models={name: TINY.models[name] for name in ("unseen", "naive")},
                                attacks={"strong": TINY.attacks["strong"]}, prompt_attack_models=())
