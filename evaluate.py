@@ -145,7 +145,8 @@ def make_parser():
                    help="with no --model: run the whole miniature study (mini_safediff/miniature/study.py, PLAN), "
                         "not only its main table (MAIN)")
     p.add_argument("--workers", type=cli.natural_int, default=2,
-                   help="miniature study: processes running its trainings, attacks and evaluations (0: this one)")
+                   help="miniature study: processes running its trainings, attacks and evaluations, one thread each "
+                        "(0: this process)")
     p.add_argument("--runs", default="runs", type=cli.out_folder,
                    help="where the miniature study's training, attack and evaluation runs live (runs/study/), reused "
                         "by every later call")
@@ -208,6 +209,6 @@ if __name__ == "__main__":
         main()
     except (ValueError, OSError) as e:  # bad input, a missing file, a full or read-only disk: one line
         sys.exit(f"evaluate.py: {e}")
-    except KeyboardInterrupt:
-        sys.exit("\nevaluate.py: interrupted; the same command continues where it stopped (finished runs and "
-                 "images are kept)")
+    except KeyboardInterrupt as e:  # the study's own says how far it got
+        sys.exit(f"\nevaluate.py: {e}" if str(e) else "\nevaluate.py: interrupted; the same command continues where "
+                 "it stopped (finished runs and images are kept)")

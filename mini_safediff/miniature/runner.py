@@ -16,6 +16,9 @@ import contextlib
 import json
 import multiprocessing
 import os
+import signal
+import threading
+import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
@@ -27,6 +30,7 @@ from tqdm.auto import tqdm
 from ..evaluation.metrics import harmful_probability, read_as_harmful, read_as_prompted
 from ..io import atomic_write, write_json
 from ..methods.registry import is_data_free
+from ..training.guard import StopRequest
 from . import digits
 from .study import Plan, Run, expand
 
@@ -41,9 +45,48 @@ def output_path(root: Path, run: Run) -> Path:
     return root / "cells" / f"{run.key}.npz" if run.kind == "evaluate" else root / run.kind / run.key
 
 
-def is_done(root: Path, run: Run) -> bool:
+NOT_MADE = "not made"
+CELL_ARRAYS = ("harmful_hit", "harmful_prob", "clean_correct", "clean_features", "prompted", "images", "broken")
+
+
+def done_problem(root: Path, run: Run) -> str | None:
+    """None when the run's output is made and reads back whole; else why not (NOT_MADE when nothing is there).
+    A damaged file (truncated, emptied, replaced) must not pass as done: it would wedge every later report."""
     path = output_path(root, run)
-    return path.is_file() if run.kind == "evaluate" else (path / "done.json").is_file()
+    if run.kind == "evaluate":
+        if not path.is_file():
+            return NOT_MADE
+        try:
+            with np.load(path) as stored:
+                cell = {name: stored[name] for name in stored.files}
+        except Exception as e:  # np.load raises whatever the bytes provoke: BadZipFile, EOFError, ValueError, ...
+            return f"not a readable cell ({type(e).__name__}: {e})"
+        missing = [name for name in CELL_ARRAYS if name not in cell]
+        if missing:
+            return f"a cell without {', '.join(missing)}"
+        if len(cell["harmful_hit"]) + len(cell["clean_correct"]) != len(cell["prompted"]) != len(cell["images"]):
+            return "a cell whose arrays do not match in length"
+        return None
+    if not (path / "done.json").is_file():
+        return NOT_MADE
+    if run.kind == "prompt-attack":
+        try:
+            json.loads((path / ATTACKED / "prompt_attack.json").read_text())["results"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{ATTACKED}/prompt_attack.json is missing or damaged ({type(e).__name__})"
+    elif run.kind == "train" and not (path / "model").is_dir():
+        return "done.json without its model/"
+    return None
+
+
+def is_done(root: Path, run: Run) -> bool:
+    return done_problem(root, run) is None
+
+
+def _discard(root: Path, run: Run) -> None:
+    """Removes a damaged output's done mark (or the cell itself), so that the run is made again."""
+    path = output_path(root, run)
+    (path if run.kind == "evaluate" else path / "done.json").unlink(missing_ok=True)
 
 
 def data_folders(plan: Plan, root: Path) -> dict:
@@ -161,8 +204,40 @@ def _say_failed(run: Run, why: str):
                f"step {run.step}) failed: {why}")
 
 
-def _init_worker(threads: int):
-    torch.set_num_threads(threads)
+# Every run computes on one thread, in a worker or in this process: convolutions sum in another order on two
+# threads, so a cached cell would otherwise depend on how many workers made it (off by a grey level here and there).
+RUN_THREADS = 1
+
+
+@contextlib.contextmanager
+def _run_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(RUN_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _init_worker(parent: int):
+    """A worker: in its own process group and deaf to SIGINT but in a training (a Ctrl-C at the terminal reaches
+    the study, which passes it on once: a training stops at a checkpoint, an evaluation cell finishes), and it
+    ends when the study's process does (a killed study leaves no worker writing into runs/)."""
+    torch.set_num_threads(RUN_THREADS)
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.2)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _stopped(made: int, total: int):
+    return KeyboardInterrupt(f"study stopped with {made} of {total} runs made; the same command continues "
+                             "(interrupted trainings and attacks resume from their checkpoints)")
 
 
 def run_plan(plan: Plan, runs, entry_points: dict, workers: int = 2, quiet: bool = False,
@@ -170,53 +245,74 @@ def run_plan(plan: Plan, runs, entry_points: dict, workers: int = 2, quiet: bool
     """Make every run of the plan that is not made yet; returns {key: why} for the runs that failed or could not
     start because a run they need failed. entry_points: {"train": train.py's main, "attack": attack.py's main},
     each called with an argv list (the package never imports a script: the caller hands them in). workers:
-    processes (each with cpu_count // workers threads); 0 runs everything in this process."""
+    processes, one thread each (RUN_THREADS); 0 runs everything in this process. Ctrl-C or SIGTERM stops the
+    study once the runs in progress have stopped (trainings at a checkpoint): KeyboardInterrupt, nothing failed."""
     root = study_root(runs)
     runs_list = expand(plan, digests)
     data = data_folders(plan, root)
-    todo = [run for run in runs_list if not is_done(root, run)]
+    todo = []
+    for run in runs_list:
+        problem = done_problem(root, run)
+        if problem not in (None, NOT_MADE):
+            tqdm.write(f"{output_path(root, run)}: {problem}; making it again")
+            _discard(root, run)
+        if problem is not None:
+            todo.append(run)
     done = {run.key for run in runs_list} - {run.key for run in todo}
     failed = {}
     bar = tqdm(total=len(runs_list), initial=len(done), desc="study", unit="run", disable=quiet, smoothing=0.02)
-    if workers == 0:
-        for run in todo:
-            blocked = [key for key in run.needs if key in failed]
-            if blocked:
-                failed[run.key] = f"needs a run that failed ({blocked[0]})"
-            else:
-                why = _execute(*job(plan, root, data, run), entry_points)
-                if why:
-                    failed[run.key] = why
-                    _say_failed(run, why)
-            bar.update(1)
-        bar.close()
-        return failed
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
-    running = {}
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
-        while todo or running:
-            for run in list(todo):
-                if any(key in failed for key in run.needs):
-                    failed[run.key] = f"needs a run that failed ({next(k for k in run.needs if k in failed)})"
-                    todo.remove(run)
-                    bar.update(1)
-                elif all(key in done for key in run.needs) and len(running) < 2 * workers:
-                    running[pool.submit(_execute, *job(plan, root, data, run), entry_points)] = run
-                    todo.remove(run)
-            if not running:  # expand() orders every run after those it needs, so something is always ready
-                raise RuntimeError(f"no study run can start: {todo[0]} waits for runs that are not in the plan")
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                run = running.pop(future)
-                why = future.result()
-                if why:
-                    failed[run.key] = why
-                    _say_failed(run, why)
+    with StopRequest() as stop:
+        if workers == 0:
+            for run in todo:
+                blocked = [key for key in run.needs if key in failed]
+                if blocked:
+                    failed[run.key] = f"needs a run that failed ({blocked[0]})"
                 else:
-                    done.add(run.key)
+                    with _run_threads():
+                        why = _execute(*job(plan, root, data, run), entry_points)
+                    if stop.requested:  # the run was asked to stop (or finished while asked): so is the study
+                        bar.close()
+                        raise _stopped(sum(is_done(root, r) for r in runs_list), len(runs_list))
+                    if why:
+                        failed[run.key] = why
+                        _say_failed(run, why)
                 bar.update(1)
+            bar.close()
+            return failed
+        context = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch thread pools
+        running, passed_on = {}, False
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(os.getpid(),)) as pool:
+            while (todo and not stop.requested) or running:
+                for run in list(todo) if not stop.requested else []:
+                    if any(key in failed for key in run.needs):
+                        failed[run.key] = f"needs a run that failed ({next(k for k in run.needs if k in failed)})"
+                        todo.remove(run)
+                        bar.update(1)
+                    elif all(key in done for key in run.needs) and len(running) < 2 * workers:
+                        running[pool.submit(_execute, *job(plan, root, data, run), entry_points)] = run
+                        todo.remove(run)
+                if not running and not stop.requested:  # expand() orders every run after those it needs
+                    raise RuntimeError(f"no study run can start: {todo[0]} waits for runs that are not in the plan")
+                finished, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                if stop.requested and not passed_on:
+                    for worker in multiprocessing.active_children():  # their own process group: tell them once
+                        os.kill(worker.pid, signal.SIGINT)
+                    passed_on = True
+                for future in finished:
+                    run = running.pop(future)
+                    if stop.requested:  # a training that stopped at a checkpoint, or one that finished
+                        continue
+                    why = future.result()
+                    if why:
+                        failed[run.key] = why
+                        _say_failed(run, why)
+                    else:
+                        done.add(run.key)
+                    bar.update(1)
     bar.close()
+    if stop.requested:
+        raise _stopped(sum(is_done(root, r) for r in runs_list), len(runs_list))
     return failed
 
 

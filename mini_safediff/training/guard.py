@@ -15,7 +15,8 @@ import torch
 
 
 class StopRequest:
-    """A context in which the first SIGINT / SIGTERM only sets `requested`; the loop polls it between steps."""
+    """A context in which the first SIGINT / SIGTERM only sets `requested`; the loop polls it between steps.
+    Nested (a training run by the study runner), the request reaches every enclosing one."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -27,6 +28,9 @@ class StopRequest:
         if self.requested:  # asked twice: stop now
             raise KeyboardInterrupt
         self.requested = True
+        outer = getattr(self._previous.get(signum), "__self__", None)
+        if isinstance(outer, StopRequest):  # a training inside a study: the study stops too, once this one has
+            outer.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after the step in progress (again to stop at once)",
               flush=True)
 
