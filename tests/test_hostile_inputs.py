@@ -167,6 +167,28 @@ def test_leftover_temporary_files_are_removed_on_the_next_start(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "log.jsonl"]
 
 
+def test_a_log_line_cut_short_by_a_crash_does_not_stop_a_resume(tmp_path, model):
+    """A crash or a full disk during the per-step append leaves a last line cut short: the checkpoint is whole, so
+    --resume goes on (the line dropped, with a warning naming it); a damaged line elsewhere is named, file:line."""
+    import train
+
+    data = write_data(tmp_path / "data", [1, 2])
+    common = ["--model", str(model), "--data", str(data), "--device", "cpu", "--quiet", "--out", str(tmp_path / "run")]
+    train.train(train.parse_args([*common, "--steps", "2"]))
+    log = tmp_path / "run" / "log.jsonl"
+    whole = log.read_text()
+    log.write_text(whole + '{"step": 3, "lr": 0.0')
+    with pytest.warns(UserWarning, match=re.escape(f"{log}:3: dropped a last line cut short")):
+        train.train(train.parse_args([*common, "--steps", "3", "--resume"]))
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+    for damaged, message in [('{"lr": 0.1}', "a row without a whole-number \"step\""), ("{oops", "not a JSON row")]:
+        lines = log.read_text().splitlines()
+        log.write_text("\n".join([lines[0], damaged, *lines[1:]]) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"{log}:2: {message}")):
+            train.train(train.parse_args([*common, "--steps", "4", "--resume"]))
+        log.write_text("\n".join(lines) + "\n")
+
+
 def nan_model(model, folder):
     pipe = msd.load_pipeline(model, device="cpu")
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """A run's files: the checkpoint (one plain dict, written atomically), log.jsonl, and starting or resuming."""
 import json
 import pickle
+import warnings
 from pathlib import Path
 
 import torch
@@ -31,8 +32,27 @@ def load_checkpoint(path) -> dict:
 
 
 def read_log(path) -> list:
+    """log.jsonl's rows. A last line cut short (a crash or a full disk during its append) is dropped with a
+    warning: the checkpoint, not the log, holds the run's state. Any other bad line is an error naming it."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if number == len(lines):
+                warnings.warn(f"{path}:{number}: dropped a last line cut short ({e.msg})")
+                continue
+            raise ValueError(f"{path}:{number}: not a JSON row ({e.msg}); the log is damaged") from None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise ValueError(f"{path}:{number}: a row without a whole-number \"step\"; the log is damaged")
+        rows.append(row)
+    return rows
 
 
 def write_log(path, rows: list, append: bool = False) -> None:
