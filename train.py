@@ -67,6 +67,8 @@ PRESETS = {"paper": {**PAPER, "method": "lt", "lam": 5e-5, "harmful_weight": 0.0
            "immunize": {**MINIATURE_TRAIN, "method": "immunize", "lam": 0.0}}
 # The presets of the paper's settings for Stable Diffusion, which leave the tiny built-in model as it was.
 FOR_STABLE_DIFFUSION = ("paper", "naive")
+# What train() writes under --out, besides its lock and the built-in data.
+OUTPUTS = ("model", "model.safetensors", "checkpoint.pt", "log.jsonl", "args.json")
 
 
 def make_parser(argv=None):
@@ -106,9 +108,25 @@ def parse_args(argv=None):
     return args
 
 
+def refuse_overwriting_sources(args) -> None:
+    """The weights trained from must not lie where train() writes: the result would replace them, and a --resume
+    would start again from it (ESD would rebuild its frozen teacher from the erased model)."""
+    for flag in ("model", "unet"):
+        source = getattr(args, flag)
+        if source is None:
+            continue
+        source_and_folders = [Path(source).resolve(), *Path(source).resolve().parents]
+        for name in OUTPUTS:
+            written = Path(args.out) / name
+            if written.resolve() in source_and_folders:
+                raise ValueError(f"--out {args.out} would overwrite --{flag} {source} (train.py writes {written}): "
+                                 "choose another --out")
+
+
 def check_args(args) -> None:
     """Every refusal that needs no file: before anything is loaded."""
     refuse_foreign_options(args, vars(parse_args(["--preset", args.preset])))  # the preset's values, parsed
+    refuse_overwriting_sources(args)
     METHODS[args.method].check(args)
     if METHODS[args.method].data_free and args.data:
         raise ValueError(f"--method {args.method} is data-free: it takes no --data")

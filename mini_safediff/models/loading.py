@@ -14,7 +14,7 @@ import torch
 
 from . import cpu_speedups, ldm
 from .clip import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-from .config import config_from_dict, read_config
+from .config import ConfigError, config_from_dict, read_config
 from .pipeline import BUILTIN_MODEL, Pipeline, as_dtype
 from .schedule import NoiseSchedule, SchedulerConfig
 from .tokenizer import CLIPTokenizer
@@ -102,7 +102,12 @@ def _load_single_file(path: Path, dtype, prediction_type) -> Pipeline:
         raise WeightsError(f"{source}: {e}") from None
 
     def config(part, config_class):  # our own files carry the exact config; others get it from shapes
-        raw = json.loads(metadata[f"{part}_config"]) if f"{part}_config" in metadata else parts[part][1]
+        key, raw = f"{part}_config", parts[part][1]
+        if key in metadata:
+            try:
+                raw = json.loads(metadata[key])
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{source}: metadata {key!r} is not valid JSON ({e})") from None
         return config_from_dict(config_class, raw, f"{source} ({part} config)")
 
     return Pipeline(

@@ -56,6 +56,9 @@ class SchedulerConfig:
             if value not in allowed and not (key == "timestep_spacing" and value is None):
                 raise ConfigError(f"scheduler config: option {key!r} = {value!r} is not supported "
                                   f"(supported: {', '.join(repr(a) for a in allowed)})")
+        if not self.beta_start < self.beta_end:  # betas grow along the forward process
+            raise ConfigError(f"scheduler config: beta_start = {self.beta_start} is not below "
+                              f"beta_end = {self.beta_end}")
 
     def to_dict(self) -> dict:
         """The keys of a diffusers DDIMScheduler config (clip_sample is True by default there)."""

@@ -28,18 +28,18 @@ UP_BLOCKS = {"CrossAttnUpBlock2D": True, "UpBlock2D": False}
 @dataclass
 class UNetConfig:
     """diffusers' UNet2DConditionModel config keys that SD 1.x / 2.x / XL use; defaults are SD 1.5's."""
-    sample_size: int | list = 64  # latent side the model was trained at (pipelines read it; the net takes any size)
+    sample_size: int | list[int] = 64  # latent side the model was trained at (pipelines read it; the net takes any)
     in_channels: int = 4
     out_channels: int = 4
-    down_block_types: list = field(default_factory=lambda: ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
-    up_block_types: list = field(default_factory=lambda: ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
-    block_out_channels: list = field(default_factory=lambda: [320, 640, 1280, 1280])
+    down_block_types: list[str] = field(default_factory=lambda: ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"])
+    up_block_types: list[str] = field(default_factory=lambda: ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+    block_out_channels: list[int] = field(default_factory=lambda: [320, 640, 1280, 1280])
     layers_per_block: int = 2
     cross_attention_dim: int = 768
     # diffusers' naming quirk: in SD configs this is the number of heads (SD 1: 8 everywhere; SD 2 and XL: one
     # entry per down block, 64-channel heads), not their width.
-    attention_head_dim: int | list = 8
-    transformer_layers_per_block: int | list = 1  # transformer blocks per spatial transformer, per down block (XL)
+    attention_head_dim: int | list[int] = 8
+    transformer_layers_per_block: int | list[int] = 1  # transformer blocks per spatial transformer, per down block (XL)
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     use_linear_projection: bool = False  # SD 2: proj_in / proj_out are Linear, SD 1: 1x1 convs
@@ -76,16 +76,14 @@ class UNetConfig:
                   ("attention_head_dim", isinstance(self.attention_head_dim, int)
                    or len(self.attention_head_dim) == blocks, "an int or one per block"),
                   ("transformer_layers_per_block", isinstance(self.transformer_layers_per_block, int)
-                   or (len(self.transformer_layers_per_block) == blocks
-                       and all(isinstance(n, int) for n in self.transformer_layers_per_block)),
-                   "an int or one int per block"),
+                   or len(self.transformer_layers_per_block) == blocks, "an int or one int per block"),
+                  ("norm_num_groups", all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+                   f"a divisor of every block_out_channels entry {self.block_out_channels}"),
                   ("addition_embed_type", self.addition_embed_type in (None, "text_time"), [None, "text_time"]),
                   ("projection_class_embeddings_input_dim", self.addition_embed_type is None or isinstance(
                       self.projection_class_embeddings_input_dim, int), "an int with addition_embed_type"),
                   ("addition_time_embed_dim", self.addition_embed_type is None or isinstance(
-                      self.addition_time_embed_dim, int), "an int with addition_embed_type"),
-                  ("layers_per_block", isinstance(self.layers_per_block, int), "an int"),
-                  ("cross_attention_dim", isinstance(self.cross_attention_dim, int), "an int")]
+                      self.addition_time_embed_dim, int), "an int with addition_embed_type")]
         for key, ok, supported in checks:
             if not ok:
                 raise ConfigError(f"unet config: option {key!r} = {getattr(self, key)!r} is not supported "

@@ -43,6 +43,9 @@ class VAEConfig:
             if list(value) != [block] * levels:
                 raise ConfigError(f"VAE config: option {key!r} = {value!r} is not supported "
                                   f"(supported: {[block] * levels!r}, one per block_out_channels entry)")
+        if any(channels % self.norm_num_groups for channels in self.block_out_channels):
+            raise ConfigError(f"VAE config: option 'norm_num_groups' = {self.norm_num_groups} is not supported "
+                              f"(supported: a divisor of every block_out_channels entry {self.block_out_channels})")
 
 
 class DiagonalGaussian:
