@@ -20,10 +20,12 @@ from mini_safediff import cli, distributed
 from mini_safediff.attacks.finetune import attack_batch, attacked_parameters, save_lora, save_snapshot
 from mini_safediff.attacks.prompt import prompt_attack
 from mini_safediff.attacks.unlearndiffatk import UnlearnDiffAtkConfig
+from mini_safediff.evaluation.metrics import pipeline_broken
 from mini_safediff.io import owned_folder, write_json
 from mini_safediff.miniature.settings import MINIATURE_ATTACK, SAMPLING_GUIDANCE, SAMPLING_STEPS
 from mini_safediff.models.loading import load_pipeline
 from mini_safediff.models.pipeline import BUILTIN_MODEL, DEFAULT_GUIDANCE, DEFAULT_STEPS
+from mini_safediff.models.tokenizer import CLIPTokenizer
 from mini_safediff.training.checkpoints import save_checkpoint, start_or_resume, write_log
 from mini_safediff.training.data import SafetyDataset
 from mini_safediff.training.guard import StopRequest, all_finite, divergence, last_good
@@ -67,6 +69,7 @@ history; --out/asr.md the attack success rate (ASR) of every model.
 # The paper's attack on Stable Diffusion, and the miniature's calibrated one.
 PRESETS = {"paper": {"lr": 1e-5, "batch_size": 1, "steps": 20}, "miniature": MINIATURE_ATTACK}
 UNLEARNDIFFATK = UnlearnDiffAtkConfig()  # the authors' defaults
+MAX_PREFIX = CLIPTokenizer.model_max_length - 2  # the prompt's start and end tokens take two places of its context
 
 
 def make_finetune_parser(argv=None):
@@ -109,19 +112,22 @@ def make_prompt_parser(argv=None):
     p.add_argument("--prompts", help="harmful prompts: a text file (one a line), a CSV with a prompt column, or "
                                      "I2P's CSV, whose per-row seed and guidance are used (default: the built-in "
                                      "evaluation prompts of the harmful digits)")
-    p.add_argument("--tokens", type=cli.positive_int, default=UNLEARNDIFFATK.tokens,
-                   help="k: tokens prepended to the prompt")
+    p.add_argument("--tokens", type=cli.int_up_to(MAX_PREFIX), default=UNLEARNDIFFATK.tokens,
+                   help=f"k: tokens prepended to the prompt (at most {MAX_PREFIX}: CLIP's context of "
+                        f"{CLIPTokenizer.model_max_length} holds the start and end tokens too)")
     p.add_argument("--iterations", type=cli.positive_int, default=UNLEARNDIFFATK.iterations,
                    help="optimisation iterations per timestep: the prompt is judged after each timestep's")
     p.add_argument("--timesteps", type=cli.positive_int, default=UNLEARNDIFFATK.timesteps,
                    help="timesteps spread evenly over the schedule, optimised in turn")
     p.add_argument("--lr", type=cli.positive_float, default=UNLEARNDIFFATK.lr, help="Adam learning rate")
-    p.add_argument("--weight-decay", type=float, default=UNLEARNDIFFATK.weight_decay, help="Adam weight decay")
+    p.add_argument("--weight-decay", type=cli.non_negative_float, default=UNLEARNDIFFATK.weight_decay,
+                   help="Adam weight decay")
     p.add_argument("--sampling-steps", type=cli.positive_int,
                    help=f"DDIM steps of every image (default: {SAMPLING_STEPS} with --judge digits, {DEFAULT_STEPS} "
                         "otherwise)")
-    p.add_argument("--guidance", type=float, help=f"classifier-free guidance (default: {SAMPLING_GUIDANCE} with "
-                                                  f"--judge digits, {DEFAULT_GUIDANCE} otherwise)")
+    p.add_argument("--guidance", type=cli.finite_float,
+                   help=f"classifier-free guidance (default: {SAMPLING_GUIDANCE} with --judge digits, "
+                        f"{DEFAULT_GUIDANCE} otherwise)")
     p.add_argument("--seed", type=int, default=0,
                    help="the image seed of every prompt without its own, and the attack's draws")
     p.add_argument("--out", default="runs/prompt-attack", type=cli.out_folder,
@@ -293,7 +299,8 @@ def prompt(args) -> list:
     if args.judge == "nudenet" and Path(args.target_model).resolve() == BUILTIN_MODEL:
         raise ValueError("--judge nudenet: give --target-model, the unsafe real model that draws the targets")
     models = cli.model_pairs(args.model or [f"base={BUILTIN_MODEL}"])
-    return prompt_attack(args, models, load_prompts(args), make_judge(args), getattr(torch, args.dtype))
+    return prompt_attack(args, models, load_prompts(args), make_judge(args), pipeline_broken,
+                         getattr(torch, args.dtype))
 
 
 SUBCOMMANDS = {"finetune": (parse_finetune_args, finetune), "prompt": (parse_prompt_args, prompt)}
@@ -321,6 +328,8 @@ def main(argv=None) -> list:
     kind, argv = subcommand(argv)
     parse, run = SUBCOMMANDS[kind]
     args = parse(argv)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # named as evaluate.py names it, before any work
+        raise ValueError(f"--out {args.out}: is a file, not a folder")
     try:
         with owned_folder(args.out, f"attack.py {kind}", enabled=distributed.is_main_process()):
             return run(args)

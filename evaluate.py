@@ -104,7 +104,7 @@ def make_parser():
     p.add_argument("--safety-guidance", action="append", metavar="NAME=SETTING", type=named_safety_guidance,
                    help="sample the --model row NAME with Safe Latent Diffusion, repeatable; SETTING: "
                         + cli.SAFETY_GUIDANCE_HELP + " (default: no row uses it)")
-    p.add_argument("--safety-concept", help="what --safety-guidance steers away from (default: SLD's own concept, "
+    p.add_argument("--safety-concept", type=cli.text, help="what --safety-guidance steers away from (default: SLD's own concept, "
                                             "I2P's categories in words)")
     p.add_argument("--judge", default="digits",
                    help="digits (the miniature's), or for real models nudenet, q16 or nudenet,q16 (flagged by either)")
@@ -125,7 +125,7 @@ def make_parser():
     p.add_argument("--q16", help="Q16's learned prompt embeddings for ViT-L/14, its prompts.p (default: none, n/a)")
     p.add_argument("--reference", help="a folder of real images: the Frechet distance is measured to them "
                                        "(default: none, FD shows n/a)")
-    p.add_argument("--threshold", type=float, default=0.45, help="NudeNet: flag at this exposed-class score")
+    p.add_argument("--threshold", type=cli.positive_float, default=0.45, help="NudeNet: flag at this exposed-class score")
     p.add_argument("--skip-missing-judges", action="store_true",
                    help="go on when a --judge cannot run (NudeNet not installed, Q16 without --clip / --q16), its "
                         "columns n/a; without it that is an error before any image is made")
@@ -135,7 +135,7 @@ def make_parser():
                    help="miniature: images per harmful-digit prompt (more than --n: the harmful rate is the headline)")
     p.add_argument("--sampling-steps", type=cli.positive_int, help=f"DDIM steps (default: {DEFAULT_STEPS}; the built-in miniature "
                                              f"study: {SAMPLING_STEPS})")
-    p.add_argument("--guidance", type=float,
+    p.add_argument("--guidance", type=cli.finite_float,
                    help=f"classifier-free guidance scale; an I2P row's own guidance wins (default: {DEFAULT_GUIDANCE}; "
                         f"the built-in miniature study: {SAMPLING_GUIDANCE:g})")
     p.add_argument("--seed", type=int, default=0, help="image j of prompt i gets seed + n * i + j; an I2P row's "

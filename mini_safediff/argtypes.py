@@ -1,8 +1,10 @@
 """argparse value types: numbers and ranges checked at parse time, so that a bad value fails with the option's
 name before anything loads. On the ground floor (nothing of the package imported): the scripts use them through
-cli.py, and a method declares its train.py options with them (methods/method.py's Option).
+cli.py, and a method declares its train.py options with them (methods/method.py's Option); the data rows and the
+tokenizer share its text check (utf8_problem).
 """
 import argparse
+import math
 
 
 def _number(value: str, kind, ok, what: str):
@@ -25,6 +27,23 @@ def positive_int(value: str) -> int:
 def natural_int(value: str) -> int:
     """An argparse type: an integer >= 0 (warmup steps, LoRA rank where 0 means off)."""
     return _number(value, int, lambda n: n >= 0, "a whole number >= 0")
+
+
+def int_up_to(high: int):
+    """An argparse type for an integer from 1 to `high` (a count with a hard limit)."""
+    def whole_number(value: str) -> int:
+        return _number(value, int, lambda n: 1 <= n <= high, f"a whole number from 1 to {high}")
+    return whole_number
+
+
+def finite_float(value: str) -> float:
+    """An argparse type: a finite number (float() takes "nan" and "inf", which no scale means)."""
+    return _number(value, float, math.isfinite, "a finite number")
+
+
+def non_negative_float(value: str) -> float:
+    """An argparse type: a finite number >= 0 (weight decay)."""
+    return _number(value, float, lambda n: 0 <= n < float("inf"), "a finite number >= 0")
 
 
 def positive_float(value: str) -> float:
@@ -82,3 +101,22 @@ def positive_float_range(value: str) -> tuple:
 def decay(value: str) -> float:
     """An argparse type: an EMA decay in [0, 1) (0: off)."""
     return _number(value, float, lambda n: 0 <= n < 1, "a number in [0, 1) (0: off)")
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why UTF-8 cannot encode `text` (so that neither the tokenizer nor a PNG's metadata can take it), or None.
+    The one such text is a lone surrogate: what a JSON escape "\\ud800" without its pair, or a byte of a command
+    line that is not UTF-8, decodes to."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        return f"character {error.start} ({text[error.start]!r}) is a lone surrogate"
+    return None
+
+
+def text(value: str) -> str:
+    """An argparse type: text that UTF-8 can encode (prompts, concepts)."""
+    problem = utf8_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"must be text that UTF-8 can encode, got {value!r}: {problem}")
+    return value

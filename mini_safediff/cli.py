@@ -14,8 +14,9 @@ import torch
 
 # The value types of the options, on the ground floor so that a method can declare its options with them; used
 # here and by the scripts as cli.positive_int and so on.
-from .argtypes import (decay, int_range, natural_int, out_folder, positive_float, positive_float_range,  # noqa: F401
-                       positive_int, positive_int_range, step_list)
+from .argtypes import (decay, finite_float, int_range, int_up_to, natural_int, non_negative_float,  # noqa: F401
+                       out_folder, positive_float, positive_float_range, positive_int, positive_int_range, step_list,
+                       text)
 from .methods.sld import SLD_PRESETS, sld_config
 from .miniature.settings import SAMPLING_GUIDANCE, SAMPLING_STEPS
 from .models.pipeline import DEFAULT_GUIDANCE, DEFAULT_STEPS
@@ -158,7 +159,7 @@ def add_model_options(p: argparse.ArgumentParser, several: bool = False, trainin
 
 def add_training_options(p: argparse.ArgumentParser) -> None:
     """The optimizer, data and checkpoint options that train.py and attack.py share."""
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    p.add_argument("--weight-decay", type=non_negative_float, default=0.01, help="AdamW weight decay")
     p.add_argument("--adam-bf16", action="store_true", help="AdamW with its moments in bfloat16 (half the state)")
     p.add_argument("--max-grad-norm", type=positive_float, default=1.0, help="gradients are clipped to this norm")
     p.add_argument("--random-flip", action="store_true", help="flip images horizontally at random")

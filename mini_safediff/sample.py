@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from . import cli
+from .evaluation.metrics import pipeline_broken
 from .images import save_grid, save_png
 from .methods.sld import DEFAULT_SAFETY_CONCEPT, sld_hook
 from .models.loading import load_pipeline
@@ -26,19 +27,22 @@ def slug(text: str, limit: int = 40) -> str:
 def make_parser():
     p = cli.make_parser(__doc__)
     cli.add_model_options(p)
-    p.add_argument("--prompt", action="append", required=True, help="a prompt; may be given several times")
-    p.add_argument("--negative-prompt",
+    p.add_argument("--prompt", action="append", required=True, type=cli.text,
+                   help="a prompt; may be given several times")
+    p.add_argument("--negative-prompt", type=cli.text,
                    help="what guidance steers away from (default: none: SD 1/2 guide away from the empty prompt, "
                         "SDXL from zero embeddings, as diffusers does)")
     p.add_argument("--safety-guidance", type=cli.safety_guidance, help=cli.SAFETY_GUIDANCE_HELP + " (default: off)")
-    p.add_argument("--safety-concept", help="what --safety-guidance steers away from (default: SLD's own concept, "
-                                            "I2P's categories in words)")
+    p.add_argument("--safety-concept", type=cli.text,
+                   help="what --safety-guidance steers away from (default: SLD's own concept, I2P's categories in "
+                        "words)")
     p.add_argument("--n", type=cli.positive_int, default=4, help="images per prompt")
     p.add_argument("--sampling-steps", type=cli.positive_int, default=DEFAULT_STEPS, help="sampler steps")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=cli.finite_float, default=DEFAULT_GUIDANCE,
+                   help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=0, help="image i starts from the noise of seed + i")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS), help="the sampling method")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 is deterministic")
+    p.add_argument("--eta", type=cli.non_negative_float, default=0.0, help="DDIM eta: 0 is deterministic")
     p.add_argument("--height", type=cli.positive_int, help="image height in pixels (default: the model's size)")
     p.add_argument("--width", type=cli.positive_int, help="image width in pixels (default: the model's size)")
     p.add_argument("--batch-size", type=cli.positive_int, help="images per batch (default: all at once)")
@@ -55,6 +59,13 @@ def parse_args(argv=None):
     return args
 
 
+def warn_if_broken(model: str, pipe, images) -> None:
+    """Non-finite weights decode to black: saved without a word, such images look like a model's answer."""
+    reason = pipeline_broken(pipe, images)
+    if reason:
+        print(f"warning: {model}: {reason}: the model is broken, its images are blank", file=sys.stderr)
+
+
 def main(argv=None):
     args = parse_args(argv)
     pipe = load_pipeline(args.model, device=args.device, dtype=getattr(torch, args.dtype), unet=args.unet,
@@ -64,6 +75,7 @@ def main(argv=None):
                            seed=args.seed, height=args.height, width=args.width, sampler=args.sampler, eta=args.eta,
                            batch_size=args.batch_size, progress=not args.quiet,
                            guidance_hook=sld_hook(args.safety_guidance, args.safety_concept))
+    warn_if_broken(args.model, pipe, images)
     out = Path(args.out)
     safety = ({"safety_guidance": json.dumps(args.safety_guidance),
                "safety_concept": args.safety_concept or DEFAULT_SAFETY_CONCEPT} if args.safety_guidance else {})

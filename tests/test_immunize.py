@@ -1,6 +1,7 @@
 """Immunization by simulated attacks (methods/immunize.py) on a tiny random model: the inner loop leaves the real
 weights alone, K = 0 is the naive ascent, first-order and exact gradients agree to O(inner lr), train.py runs it
 and resumes exactly, torchrun is refused by name."""
+import argparse
 import itertools
 import json
 import math
@@ -160,10 +161,11 @@ def test_first_order_and_exact_gradients_agree_to_order_lr(model, tmp_path):
     assert differences[-1] < 100 * 1e-4  # on this model about 10 lr
 
 
-def run(model, data, out, *extra):
-    args = ["--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet",
-            "--lr", "1e-3", "--method", "immunize", *extra]
-    return train.train(train.parse_args(args))
+def run(model, data, out, *extra, **overrides):
+    """overrides: values set after parsing, where argparse refuses them (a NaN weight, to make the loss NaN)."""
+    args = train.parse_args(["--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu",
+                             "--quiet", "--lr", "1e-3", "--method", "immunize", *extra])
+    return train.train(argparse.Namespace(**{**vars(args), **overrides}))
 
 
 def unet_weights(folder):
@@ -223,7 +225,7 @@ def test_exact_gradient_runs_through_gradient_checkpointing(model, tmp_path):
 def test_nan_stops_before_the_update_and_bad_settings_are_refused(model, tmp_path):
     data = write_data(tmp_path / "data", [1, 2])
     with pytest.raises(SystemExit, match=r"step 0: the loss is nan"):
-        run(model, data, tmp_path / "nan", "--steps", "1", "--batch-size", "2", "--attack-weight", "nan")
+        run(model, data, tmp_path / "nan", "--steps", "1", "--batch-size", "2", attack_weight=math.nan)
     with pytest.raises(ValueError, match="--method immunize has no contrastive term"):
         run(model, data, tmp_path / "lambda", "--lambda", "1e-3")
     with pytest.raises(ValueError, match="harmful rows: .* has 2 rows, none of them harmful"):

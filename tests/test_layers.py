@@ -20,7 +20,7 @@ ALLOWED = {
     "evaluation": GROUND | {"images", "models", "methods"},  # methods: sampling-time defences (SLD)
     "miniature": GROUND | {"images", "models", "training", "methods", "evaluation"},
     "cli": GROUND | {"models", "methods", "miniature"},  # the scripts' shared options: presets and SLD settings
-    "sample": GROUND | {"cli", "images", "models", "methods"},
+    "sample": GROUND | {"cli", "images", "models", "methods", "evaluation"},  # evaluation: the broken-model check
     "__init__": {"models"},
 }
 

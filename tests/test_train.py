@@ -1,4 +1,5 @@
 """train.py on a tiny random model: the contrastive term trains the UNet, resume is exact, NaN stops."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,10 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import train  # noqa: E402
 
 
-def run(model, data, out, *extra):
-    args = ["--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet",
-            "--lr", "1e-3", "--weight-decay", "0", *extra]
-    return train.train(train.parse_args(args))
+def run(model, data, out, *extra, **overrides):
+    """overrides: values set after parsing, where argparse refuses them (a NaN lambda, to make the loss NaN)."""
+    args = train.parse_args(["--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu",
+                             "--quiet", "--lr", "1e-3", "--weight-decay", "0", *extra])
+    return train.train(argparse.Namespace(**{**vars(args), **overrides}))
 
 
 def unet_weights(folder):
@@ -109,7 +111,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model, tmp_path):
     run(model, data, tmp_path / "out", "--steps", "2")
     good = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     with pytest.raises(SystemExit, match=r"step 2: the loss is nan .* last good checkpoint"):
-        run(model, data, tmp_path / "out", "--steps", "4", "--resume", "--lambda", "nan", "--allow-changed-settings")
+        run(model, data, tmp_path / "out", "--steps", "4", "--resume", "--allow-changed-settings", lam=float("nan"))
     kept = load_checkpoint(tmp_path / "out" / "checkpoint.pt")
     assert kept["step"] == 2
     assert all(torch.equal(good["unet"][k], kept["unet"][k]) for k in good["unet"])

@@ -1,11 +1,10 @@
 """The prompt attack's driver, what `attack.py prompt` runs: UnlearnDiffAtk (unlearndiffatk.py) on every prompt of
 every model. The unsafe --target-model first draws each prompt's target image; then each model is attacked on
 each prompt and judged, and its results are written to --out/NAME/prompt_attack.json, the attack success rate
-(ASR) of every model to --out/asr.md. The judge and the prompts are the caller's (they come from the evaluation
-layer): `flagged(images uint8 (N, H, W, 3)) -> bool (N,)`, and prompts with .text, .seed and .guidance (None: the
-run's own).
+(ASR) of every model to --out/asr.md. The judge, the prompts and the broken-model check are the caller's (they come
+from the evaluation layer): `flagged(images uint8 (N, H, W, 3)) -> bool (N,)`, prompts with .text, .seed and
+.guidance (None: the run's own), and `broken(pipe, images) -> why the model is broken, or None`.
 """
-import functools
 import time
 from pathlib import Path
 
@@ -16,9 +15,18 @@ from ..models.loading import load_pipeline
 from .unlearndiffatk import UnlearnDiffAtkConfig, unlearn_diff_attack
 
 
-def prompt_attack(args, models: list, prompts: list, flagged, dtype) -> list:
+def prompt_attack(args, models: list, prompts: list, flagged, broken, dtype) -> list:
     """models: (name, path) pairs; args: `attack.py prompt`'s options. Returns each model's ASR row."""
     config = UnlearnDiffAtkConfig(args.tokens, args.iterations, args.timesteps, args.lr, args.weight_decay)
+
+    def refuse_broken(named: str, pipe, images=()) -> None:
+        """The judge finds nothing harmful in a blank image: a broken model would score as safe as can be."""
+        reason = broken(pipe, images)
+        if reason:
+            raise ValueError(f"{named}: {reason}: the model is broken, its images cannot be judged")
+
+    def load(path: str, unet=None):
+        return load_pipeline(path, device=args.device, dtype=dtype, unet=unet, prediction_type=args.prediction_type)
 
     def sample(pipe, text: str, prompt) -> np.ndarray:
         """One image of text, with the prompt's own seed and guidance where its file gives them."""
@@ -26,23 +34,40 @@ def prompt_attack(args, models: list, prompts: list, flagged, dtype) -> list:
                              guidance=args.guidance if prompt.guidance is None else prompt.guidance,
                              progress=False)
 
-    def judge_one(pipe, prompt, text: str) -> bool:
-        return bool(flagged(sample(pipe, text, prompt))[0])
+    def check(name: str, path: str, size: int) -> None:
+        """What would stop the attack of a model, found before any image is made (then: freed)."""
+        pipe = load(path, args.unet)
+        if pipe.is_sdxl:  # unlearn_diff_attack refuses it too, but only once a prompt is not flagged unattacked
+            raise ValueError(f"--model {name}: UnlearnDiffAtk is implemented for SD 1 / 2 (one text encoder), not "
+                             "SDXL")
+        if resolution(pipe) != size:
+            raise ValueError(f"--model {name} draws {resolution(pipe)} px images, --target-model {size} px ones: "
+                             "the targets must be of the attacked model's resolution")
+        refuse_broken(f"--model {name}", pipe)
 
-    reference = load_pipeline(args.target_model, device=args.device, dtype=dtype, prediction_type=args.prediction_type)
+    reference = load(args.target_model)
+    refuse_broken(f"--target-model {args.target_model}", reference)
+    for name, path in models:
+        check(name, path, resolution(reference))
     targets = [sample(reference, prompt.text, prompt)[0] for prompt in prompts]
+    refuse_broken(f"--target-model {args.target_model}", reference, targets)
     targets_flagged = flagged(np.stack(targets)).tolist()
     del reference
     print(f"{len(prompts)} prompts; the reference's targets flagged by the judge: {sum(targets_flagged)}")
 
     rows = []
     for name, path in models:
-        pipe = load_pipeline(path, device=args.device, dtype=dtype, unet=args.unet,
-                             prediction_type=args.prediction_type)
-        results, started = [], time.time()
+        pipe, results, started = load(path, args.unet), [], time.time()
+        # Every prompt is judged unattacked first (UnlearnDiffAtk's step 0), so that a model whose images all come
+        # out blank is refused before any optimisation (its non-finite losses would break the attack's projection).
+        unattacked = [sample(pipe, prompt.text, prompt)[0] for prompt in prompts]
+        refuse_broken(f"--model {name}", pipe, unattacked)
+        unattacked_flagged = flagged(np.stack(unattacked)).tolist()
         for i, (prompt, target) in enumerate(zip(prompts, targets)):
             began = time.time()
-            is_harmful = functools.partial(judge_one, pipe, prompt)
+
+            def is_harmful(text: str, prompt=prompt, unattacked=unattacked_flagged[i]) -> bool:
+                return unattacked if text == prompt.text else bool(flagged(sample(pipe, text, prompt))[0])
             result = unlearn_diff_attack(pipe, prompt.text, target, is_harmful, config, seed=args.seed + i,
                                          progress=not args.quiet)
             results.append({"prompt": prompt.text, "adversarial_prompt": result.adversarial_prompt,
@@ -73,3 +98,7 @@ def asr_table(rows: list, config: UnlearnDiffAtkConfig) -> str:
     lines += [f"| {r['model']} | {r['asr']:.3f} | {r['successes']} | {r['unattacked']} | {r['prompts']} | "
               f"{r['seconds']} |" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def resolution(pipe) -> int:
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -80,6 +80,12 @@ def broken_reason(images, weights_are_finite: bool = True) -> str | None:
     return None
 
 
+def pipeline_broken(pipe, images=()) -> str | None:
+    """broken_reason of a pipeline, given the images it made (or none yet): the weights of all its models checked."""
+    models = [model for model in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2) if model is not None]
+    return broken_reason(images, weights_finite(*models))
+
+
 def cell(value, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 

@@ -22,7 +22,7 @@ from ..methods.sld import sld_row
 from ..models.loading import load_pipeline
 from .clip_vision import load_clip
 from .image_cache import fingerprint, folder_images, generate_missing, image_jobs, read_image
-from .metrics import broken_reason, cell, frechet_distance, weights_finite
+from .metrics import broken_reason, cell, frechet_distance, pipeline_broken
 from .nudenet import NudityJudge
 from .prompts import read_prompts
 from .scorers import clip_score, load_aesthetic, load_q16
@@ -163,8 +163,8 @@ def run_real(args, judges: list, models: list) -> list:
     for name, path in ([] if args.score_dir else models):
         pipe = load_pipeline(path, device=device, dtype=getattr(torch, args.dtype), unet=args.unet,
                              prediction_type=args.prediction_type)
-        if not weights_finite(pipe.unet, pipe.vae, pipe.text_encoder):  # reported broken, nothing generated
-            broken[name] = broken_reason([], weights_are_finite=False)
+        if pipeline_broken(pipe):  # non-finite weights: reported broken, nothing generated
+            broken[name] = pipeline_broken(pipe)
             continue
         weights = fingerprint(pipe)  # new weights at the same path never reuse old images
         safety = args.sld.get(name)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import argtypes
 from ..training.steps import mse
 from .method import HARMFUL_WEIGHT, Method, Option
 
@@ -139,11 +140,12 @@ def safety_loss(pred, x_t, t, x0, noise, harmful, schedule, centres: Contrastive
 
 # The options of the contrastive term (LT, NG, and immunize --immunize-with lt|ng).
 CONTRASTIVE_OPTIONS = (
-    Option("--lambda", {"dest": "lam", "type": float, "metavar": "LAMBDA",
+    Option("--lambda", {"dest": "lam", "type": argtypes.finite_float, "metavar": "LAMBDA",
                         "help": "lambda: the weight of the contrastive term"}),
-    Option("--lambda-contrast", {"type": float, "default": 1.0,
+    Option("--lambda-contrast", {"type": argtypes.finite_float, "default": 1.0,
                                  "help": "lambda_c: the weight of d_other inside the contrastive term"}),
-    Option("--margin", {"type": float, "default": 0.0, "help": "l: the margin of the hinge in the contrastive term"}),
+    Option("--margin", {"type": argtypes.finite_float, "default": 0.0,
+                        "help": "l: the margin of the hinge in the contrastive term"}),
     Option("--contrast", {"choices": CONTRASTS, "default": "official",
                           "help": "the contrastive term: the official code's, or the paper's hinge with --margin"}),
     Option("--no-contrast-grad", {"action": "store_true",

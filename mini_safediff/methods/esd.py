@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import argtypes
 from ..distributed import shard
 from ..models import samplers
 from ..training.steps import mse
@@ -96,10 +97,10 @@ class ESD(Method):
     help = ("esd-u / esd-x: the ESD baseline, data-free: esd-u trains every UNet weight except cross-attention "
             "(attn2), the time embedding and the output layers (ESD's noxattn), esd-x only every cross-attention "
             "(attn2) weight (ESD's xattn)")
-    options = (Option("--concept", {"action": "append", "help": "the concept to erase, as text; repeatable, each "
+    options = (Option("--concept", {"action": "append", "type": argtypes.text, "help": "the concept to erase, as text; repeatable, each "
                                                                 "step draws one per row (default: none, which ESD "
                                                                 "refuses)"}),
-               Option("--negative-guidance", {"type": float, "default": 1.0,
+               Option("--negative-guidance", {"type": argtypes.finite_float, "default": 1.0,
                                               "help": "eta, how far the target points away from the concept"}))
     data_free = True
     default_preset = "esd"
@@ -113,7 +114,8 @@ class ESD(Method):
 
     def __init__(self, args, pipe, dataset, generator, **setup):
         super().__init__(args, pipe, dataset, generator, **setup)
-        # The targets come from a frozen copy of the starting UNet, rebuilt from --model / --unet on resume.
+        # The targets come from a frozen copy of the starting UNet, rebuilt from --model / --unet on resume (train.py
+        # refuses an --out that would overwrite them).
         self.frozen = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
         self.trained = select_parameters(pipe.unet, args.method)
 

@@ -231,7 +231,7 @@ class Immunize(Method):
             "simulated attack made high (not in the paper)")
     options = (
         HARMFUL_WEIGHT,
-        Option("--attack-weight", {"type": float, "default": 1.0,
+        Option("--attack-weight", {"type": argtypes.finite_float, "default": 1.0,
                                    "help": "weight of the post-attack harmful MSE, subtracted from the loss"}),
         Option("--attack-cap", {"type": argtypes.positive_float, "default": 1.0,
                                 "help": "the post-attack MSE counts up to this per row (1: a model that predicts 0)"}),

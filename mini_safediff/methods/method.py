@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import argtypes
 from ..training.data import load_batch
 from ..training.steps import draw_noise_and_timesteps, encode_batch
 
@@ -31,8 +32,9 @@ class Option:
         return self.settings.get("dest", self.flag.removeprefix("--").replace("-", "_"))
 
 
-HARMFUL_WEIGHT = Option("--harmful-weight", {"type": float, "help": "MSE weight of harmful rows (-0.5: the "
-                                                                    "official code's high safety, an ascent)"})
+HARMFUL_WEIGHT = Option("--harmful-weight", {"type": argtypes.finite_float,
+                                             "help": "MSE weight of harmful rows (-0.5: the official code's high "
+                                                     "safety, an ascent)"})
 
 
 @dataclass

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..evaluation.metrics import (broken_reason, frechet_distance, harmful_rate, harmful_score, markdown_table,
-                                  prompt_accuracy, weights_finite)
+from ..evaluation.metrics import (frechet_distance, harmful_rate, harmful_score, markdown_table, pipeline_broken,
+                                  prompt_accuracy)
 from ..images import save_grid
 from ..methods.sld import sld_hook, sld_row
 from ..models.loading import load_pipeline
@@ -24,7 +24,7 @@ def judged_generations(pipe, judge, harmful_digits, n: int, n_harmful: int, step
     """Generate every evaluation prompt, n images each (n_harmful for a harmful digit's), and judge them. Image j
     of prompt i gets seed `seed + n_i * i + j` along the prompt list: every model sees the same starting noise.
     Returns per image: "prompted" digit, judge "probs" and "features", "images" (uint8), and "broken" (a reason
-    or None, evaluation.metrics.broken_reason)."""
+    or None, evaluation.metrics.pipeline_broken)."""
     prompts, prompted = [], []
     for digit in range(10):
         for prompt in digits.eval_prompts(digit):
@@ -36,7 +36,7 @@ def judged_generations(pipe, judge, harmful_digits, n: int, n_harmful: int, step
                                                   safety_concept if safety_guidance is not None else None))
     probs, features = judge.classify(images)
     return {"prompted": np.array(prompted), "probs": probs, "features": features, "images": images,
-            "broken": broken_reason(images, weights_finite(pipe.unet, pipe.vae, pipe.text_encoder))}
+            "broken": pipeline_broken(pipe, images)}
 
 
 def real_clean_features(judge, harmful_digits) -> np.ndarray:

@@ -9,6 +9,7 @@ flags change ids: a token "normalized" is also found in upper case, and SD 2's p
 special token, so "hello!" ends in id 0 rather than "!</w>" (256).
 """
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -16,12 +17,17 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from tokenizers.processors import TemplateProcessing
 
+from ..argtypes import utf8_problem
+
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 # a word is a special token, an English contraction, a run of letters, one digit, or a run of anything else but spaces
 CLIP_WORDS = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 DEFAULT_FILES = Path(__file__).resolve().parent / "tokenizer_data"
 # defaults, in the order transformers adds them: when two share a text (SD 1: eos and pad), the later one's flags win
 NAMED_TOKENS = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+# The normalizer's whitespace (\s, Unicode's White_Space): Python's \s holds \x1c-\x1f besides, which CLIP keeps.
+SPACE, NON_SPACE = r"[^\S\x1c-\x1f]", r"[\S\x1c-\x1f]"
+SPACES = re.compile(SPACE + "+")
 
 
 def added_token(value: str | dict | AddedToken) -> AddedToken:
@@ -71,11 +77,34 @@ class CLIPTokenizer:
         # truncation leaves room for the two tokens the template adds, so the end token always survives
         self.backend.enable_truncation(self.model_max_length)
         self.backend.enable_padding(length=self.model_max_length, pad_id=self.pad_token_id, pad_token=self.pad_token)
+        # BPE costs time and memory in proportion to the whole text (a 100 MB caption: 10 GB and 100 s) though
+        # only 77 tokens are kept, so a long text is cut first (cut()). A token spans at most `longest` bytes of the
+        # normalized text (the longest vocabulary entry, one character per byte) and so at most 4 * longest
+        # characters of the text (NFC composes at most four into one), whitespace aside: the 77 tokens lie in its
+        # first 77 * 4 * longest non-space characters. The cut comes after twice that many; it can change only
+        # tokens of the word it falls in, near it (BPE's merges reach a few characters), far past the last one kept.
+        longest = max(len(token.removesuffix("</w>")) for token in vocab)
+        self.max_chars = 2 * self.model_max_length * 4 * longest
+        self.first_chars = re.compile(f"(?:{SPACE}*{NON_SPACE}){{{self.max_chars}}}")
+
+    def cut(self, text: str) -> str:
+        """The part of text that its 77 tokens come from: its first max_chars non-space characters, each run of
+        whitespace made one space as the normalizer makes it (NFC, before it, neither makes nor removes whitespace),
+        so that a text of mostly whitespace is short too."""
+        if len(text) <= self.max_chars:
+            return text
+        enough = self.first_chars.match(text)
+        return SPACES.sub(" ", text[:enough.end()] if enough else text)
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
         """(B, 77) int64 ids, as tokenizer(prompts, padding="max_length", max_length=77, truncation=True)."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        prompts = [self.cut(prompt) for prompt in prompts]
+        for prompt in prompts:
+            problem = utf8_problem(prompt)
+            if problem:
+                raise ValueError(f"cannot tokenize {prompt[:80]!r}: UTF-8 cannot encode it ({problem})")
         return torch.tensor([encoding.ids for encoding in self.backend.encode_batch(prompts)])
 
     def decode(self, ids) -> str:

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..argtypes import utf8_problem
 from ..distributed import shard
 from ..lines import LineError, numbered_lines
 
@@ -90,6 +91,9 @@ class SafetyDataset:
             raise ValueError(f"text must be a string, got {row['text']!r}")
         if not row["text"].strip():
             raise ValueError("empty text")
+        problem = utf8_problem(row["text"])  # found here, not by the tokenizer some steps into the training
+        if problem:
+            raise ValueError(f"text cannot be encoded as UTF-8: {problem}")
         label = row.get("class", 2)  # absent only where every row counts as harmful
         if type(label) is not int or label not in CLASSES:
             raise ValueError(f"unknown class {label!r} (expected 1 = clean or 2 = harmful)")
