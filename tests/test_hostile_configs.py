@@ -93,3 +93,20 @@ def test_train_compares_resolved_paths_and_checks_the_unet_too(tmp_path, model, 
         train.check_args(train.parse_args([*esd_args(model, "r"), "--unet", "r/model.safetensors"]))
     for elsewhere in ["r/model-old", "r"]:  # a sibling of what it writes, or --out's own folder, is not overwritten
         train.check_args(train.parse_args(esd_args(elsewhere, "r")))
+
+
+@pytest.mark.parametrize("file, content, message", [
+    ("vocab.json", "garbage", "vocab.json or merges.txt is not a BPE vocabulary"),
+    ("merges.txt", "#version: 0.2\nabc\n", "vocab.json or merges.txt is not a BPE vocabulary"),
+    ("tokenizer.json", "{not json", "tokenizer.json: not a JSON file"),
+    ("tokenizer.json", "[1, 2]", "tokenizer.json: a JSON object was expected, not a list"),
+    ("tokenizer.json", '{"model": {"type": "WordPiece"}}', "tokenizer.json: no BPE model with a vocab and merges "
+                                                          "\\(it holds a WordPiece model\\)"),
+    ("tokenizer_config.json", "\xff", "tokenizer_config.json: not a JSON file"),
+])
+def test_garbage_tokenizer_files_are_named(tmp_path, file, content, message):
+    model = tmp_path / "model"
+    shutil.copytree(msd.BUILTIN_MODEL, model, ignore=shutil.ignore_patterns("unseen", "*.png", "judge*"))
+    (model / "tokenizer" / file).write_text(content, encoding="latin-1")
+    with pytest.raises(ValueError, match=re.escape(str(model / "tokenizer")) + ".*" + message):
+        msd.load_pipeline(model, device="cpu")

@@ -41,7 +41,15 @@ def added_token(value: str | dict | AddedToken) -> AddedToken:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path}: a JSON object was expected, not a {type(content).__name__}")
+    return content
 
 
 class CLIPTokenizer:
@@ -132,9 +140,12 @@ class CLIPTokenizer:
             raise ValueError(f"{folder}: extra special tokens are not supported")
         tokenizer_json = read_json(folder / "tokenizer.json")
         if tokenizer_json:
-            model = tokenizer_json["model"]
-            if model["type"] != "BPE":
-                raise ValueError(f"{folder / 'tokenizer.json'} holds a {model['type']} model, not BPE")
+            model = tokenizer_json.get("model")
+            if not isinstance(model, dict) or model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict) \
+                    or not isinstance(model.get("merges"), list):
+                kind = model.get("type") if isinstance(model, dict) else None
+                raise ValueError(f"{folder / 'tokenizer.json'}: no BPE model with a vocab and merges"
+                                 + (f" (it holds a {kind} model)" if kind not in (None, "BPE") else ""))
             vocab = model["vocab"]
             merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]  # old or new
         else:
@@ -142,7 +153,10 @@ class CLIPTokenizer:
             if missing:
                 raise FileNotFoundError(f"no CLIP tokenizer in {folder}: it has no tokenizer.json and no "
                                         f"{' and no '.join(missing)} (need tokenizer.json, or vocab.json + merges.txt)")
-            vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+            try:
+                vocab, merges = BPE.read_file(str(folder / "vocab.json"), str(folder / "merges.txt"))
+            except Exception as e:  # the tokenizers library raises a bare Exception for any bad file
+                raise ValueError(f"{folder}: vocab.json or merges.txt is not a BPE vocabulary ({e})") from None
 
         if "added_tokens_decoder" in config:  # files written by transformers >= 4.34: the config alone decides
             listed, names = config["added_tokens_decoder"], config
