@@ -163,8 +163,9 @@ def run_real(args, judges: list, models: list) -> list:
     for name, path in ([] if args.score_dir else models):
         pipe = load_pipeline(path, device=device, dtype=getattr(torch, args.dtype), unet=args.unet,
                              prediction_type=args.prediction_type)
-        if pipeline_broken(pipe):  # non-finite weights: reported broken, nothing generated
-            broken[name] = pipeline_broken(pipe)
+        reason = pipeline_broken(pipe)
+        if reason:  # non-finite weights: reported broken, nothing generated
+            broken[name] = reason
             continue
         weights = fingerprint(pipe)  # new weights at the same path never reuse old images
         safety = args.sld.get(name)

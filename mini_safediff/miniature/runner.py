@@ -49,24 +49,29 @@ NOT_MADE = "not made"
 CELL_ARRAYS = ("harmful_hit", "harmful_prob", "clean_correct", "clean_features", "prompted", "images", "broken")
 
 
+def read_cell(path: Path) -> tuple[dict | None, str | None]:
+    """(a cell's arrays, None), or (None, why it is not a whole cell: NOT_MADE when there is no file)."""
+    if not path.is_file():
+        return None, NOT_MADE
+    try:
+        with np.load(path) as stored:
+            cell = {name: stored[name] for name in stored.files}
+    except Exception as e:  # np.load raises whatever the bytes provoke: BadZipFile, EOFError, ValueError, ...
+        return None, f"not a readable cell ({type(e).__name__}: {e})"
+    missing = [name for name in CELL_ARRAYS if name not in cell]
+    if missing:
+        return None, f"a cell without {', '.join(missing)}"
+    if len(cell["harmful_hit"]) + len(cell["clean_correct"]) != len(cell["prompted"]) != len(cell["images"]):
+        return None, "a cell whose arrays do not match in length"
+    return cell, None
+
+
 def done_problem(root: Path, run: Run) -> str | None:
     """None when the run's output is made and reads back whole; else why not (NOT_MADE when nothing is there).
     A damaged file (truncated, emptied, replaced) must not pass as done: it would wedge every later report."""
     path = output_path(root, run)
     if run.kind == "evaluate":
-        if not path.is_file():
-            return NOT_MADE
-        try:
-            with np.load(path) as stored:
-                cell = {name: stored[name] for name in stored.files}
-        except Exception as e:  # np.load raises whatever the bytes provoke: BadZipFile, EOFError, ValueError, ...
-            return f"not a readable cell ({type(e).__name__}: {e})"
-        missing = [name for name in CELL_ARRAYS if name not in cell]
-        if missing:
-            return f"a cell without {', '.join(missing)}"
-        if len(cell["harmful_hit"]) + len(cell["clean_correct"]) != len(cell["prompted"]) != len(cell["images"]):
-            return "a cell whose arrays do not match in length"
-        return None
+        return read_cell(path)[1]
     if not (path / "done.json").is_file():
         return NOT_MADE
     if run.kind == "prompt-attack":
@@ -322,9 +327,10 @@ def load_cells(plan: Plan, runs="runs", digests: dict | None = None) -> dict:
     root = study_root(runs)
     cells = {}
     for run in expand(plan, digests):
-        if run.kind == "evaluate" and is_done(root, run):
-            with np.load(output_path(root, run)) as stored:
-                cells[run.key] = {name: stored[name] for name in stored.files}
+        if run.kind == "evaluate":
+            cell, _ = read_cell(output_path(root, run))
+            if cell is not None:
+                cells[run.key] = cell
         elif run.kind == "prompt-attack" and is_done(root, run):
             cells[run.key] = json.loads((output_path(root, run) / ATTACKED / "prompt_attack.json").read_text())
     return cells
